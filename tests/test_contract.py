@@ -1,0 +1,148 @@
+"""Every backend × impl against the float64 reference, through the one contract.
+
+Tolerances: float64 max abs error ≤ 1e-10 (the reference and a float64 implementation differ
+only in summation order, ~1e-14 relative on these sizes); float32 ≤ 1e-5 relative to the
+largest reference magnitude (float32 epsilon is 1.2e-7; sums over up to a few hundred elements).
+"""
+import numpy as np
+import pytest
+
+import backends
+from common import conventions as conv
+from common import data, lenet
+from common.spec import CONVENTION_FIELDS
+from common.reference import RESULT_KEYS, bn_step as reference_step, random_case
+from conftest import load_backend, backend_impls
+
+SHAPES = {"2d": (16, 5), "4d": (4, 3, 5, 6), "small-batch": (2, 4)}
+SETTINGS = [(0.9, 1e-5), (0.1, 1e-3), (0.99, 1e-2)]  # (decay, eps)
+CASES = backend_impls()
+
+
+def assert_close(out, ref, dtype, keys=RESULT_KEYS, label=""):
+    for k in keys:
+        got = np.asarray(out[k])
+        assert got.dtype == dtype, f"{label}{k}: dtype {got.dtype}, expected {dtype}"
+        assert got.shape == ref[k].shape, f"{label}{k}: shape {got.shape}, expected {ref[k].shape}"
+        err = float(np.max(np.abs(got.astype(np.float64) - ref[k])))
+        tol = 1e-10 if dtype == np.float64 else 1e-5 * max(1.0, float(np.max(np.abs(ref[k]))))
+        assert err <= tol, f"{label}{k}: max abs error {err:.3g} > {tol:.3g}"
+
+
+def _step(backend, impl, case, **kw):
+    try:
+        return backend.bn_step(**case, impl=impl, **kw)
+    except backends.UnsupportedSetting:
+        # Allowed only where the impl's stated convention cannot express the request.
+        claimed = backend.conventions()[impl]["running_var"]
+        requested = "unbiased" if kw["unbiased"] else "biased"
+        assert claimed != requested, f"{impl} refused unbiased={kw['unbiased']} but claims {claimed}"
+        pytest.skip(f"{impl} cannot express a {requested} running variance (its convention: {claimed})")
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("decay, eps", SETTINGS)
+@pytest.mark.parametrize("training, unbiased", [(True, False), (True, True), (False, False)],
+                         ids=["train-biased", "train-unbiased", "inference"])
+def test_bn_step_matches_reference(name, impl, shape, dtype, decay, eps, training, unbiased):
+    backend = load_backend(name)
+    case = random_case(shape, seed=hash((shape, decay)) % 1000, dtype=dtype)
+    ref = reference_step(**case, training=training, eps=eps, decay=decay, unbiased=unbiased)
+    out = _step(backend, impl, case, training=training, eps=eps, decay=decay, unbiased=unbiased)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+def test_bad_input_raises_value_error(name, impl):
+    backend = load_backend(name)
+    case = random_case((4, 3, 2, 2), seed=0)
+    bad = dict(case, x=case["x"][:, :, 0], dy=case["dy"][:, :, 0])
+    with pytest.raises(ValueError, match="2-D .* or 4-D"):
+        backend.bn_step(**bad, training=True, impl=impl)
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        backend.bn_step(**dict(case, gamma=case["gamma"][:2]), training=True, impl=impl)
+    one = dict(case, x=case["x"][:1, :, :1, :1], dy=case["dy"][:1, :, :1, :1])
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        backend.bn_step(**one, training=True, impl=impl)
+    with pytest.raises(ValueError, match="unknown impl|impl"):
+        backend.bn_step(**case, training=True, impl="no-such-impl")
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+def test_claimed_conventions_hold_in_an_experiment(name, impl):
+    """conventions() says what the impl does; one observed training step must agree."""
+    backend = load_backend(name)
+    claimed = backend.conventions()[impl]
+    missing = set(CONVENTION_FIELDS) - set(claimed)
+    assert not missing, f"conventions()[{impl!r}] lacks {missing}"
+    x = conv.probe_input()
+    result = backend.probe(impl, x)
+    measured = conv.infer(result, x)
+    rows = conv.check(claimed, measured, result)
+    wrong = {f: (c, m) for f, (c, m, ok) in rows.items() if not ok}
+    assert not wrong, f"{name}/{impl}: claimed vs measured differ: {wrong}; {measured['problems']}"
+
+
+def _lenet_batches(sample_dir, n_batches=3, batch_size=32):
+    images, labels = data.load("train", sample_dir, limit=n_batches * batch_size)
+    x = data.to_nchw_float(images, np.float64)
+    return [(x[i], labels[i]) for i in data.batch_indices(len(x), batch_size, seed=0)]
+
+
+@pytest.mark.parametrize("name", backends.names())
+def test_lenet_eval_matches_numpy_reference(name, sample_dir):
+    backend = load_backend(name)
+    params = lenet.init_params(1)
+    rng = np.random.default_rng(1)
+    for layer, c in lenet.BN_LAYERS.items():  # non-trivial running statistics
+        params[f"{layer}.running_mean"] = rng.normal(0, 0.3, c)
+        params[f"{layer}.running_var"] = rng.uniform(0.5, 2, c)
+    x = _lenet_batches(sample_dir, 1)[0][0]
+    ref = lenet.reference_logits(params, x)
+    for impl in backend.IMPLS:
+        got = backend.lenet_eval(params, x, impl=impl)
+        err = float(np.max(np.abs(np.asarray(got, np.float64) - ref)))
+        assert err <= 1e-10, f"{name}/{impl}: lenet_eval differs from the reference by {err:.3g}"
+
+
+@pytest.mark.parametrize("name", backends.names())
+def test_lenet_train_impls_agree_in_float64(name, sample_dir):
+    """A few SGD steps from identical parameters: every impl gives the same losses and
+    parameters once the running-variance estimator is matched to the native layer's."""
+    backend = load_backend(name)
+    unbiased = backend.conventions()["native"]["running_var"] == "unbiased"
+    batches = _lenet_batches(sample_dir)
+    params = lenet.init_params(0)
+    runs = {impl: backend.lenet_train(params, batches, lr=0.5, impl=impl, unbiased=unbiased,
+                                      dtype="float64") for impl in backend.IMPLS}
+    base = runs["native"]
+    assert len(base["losses"]) == len(batches)
+    assert base["losses"][-1] < base["losses"][0] + 1.0  # finite and sane
+    lenet.validate_params(base["params"])
+    moved = lenet.max_abs_diff(base["params"], params)
+    assert moved["fc3.weight"] > 1e-4 and moved["bn1.running_mean"] > 1e-4, "training changed nothing"
+    for impl, run in runs.items():
+        np.testing.assert_allclose(run["losses"], base["losses"], rtol=0, atol=1e-10, err_msg=impl)
+        diffs = lenet.max_abs_diff(run["params"], base["params"])
+        worst = max(diffs, key=diffs.get)
+        assert diffs[worst] <= 1e-9, f"{name}/{impl} vs native: {worst} differs by {diffs[worst]:.3g}"
+
+
+def test_lenet_trajectories_agree_across_backends(sample_dir):
+    """The same canonical parameters and batches give the same float64 trajectory in every
+    backend's from-scratch impl (biased running variance everywhere)."""
+    loaded = {n: load_backend(n, skip=False) for n in backends.names() if backends.available([n])[n] is None}
+    if len(loaded) < 2:
+        pytest.skip(f"needs two backends, have {sorted(loaded)}")
+    batches = _lenet_batches(sample_dir)
+    params = lenet.init_params(0)
+    runs = {n: b.lenet_train(params, batches, lr=0.5, impl="scratch", unbiased=False, dtype="float64")
+            for n, b in loaded.items()}
+    first = next(iter(runs))
+    for n, run in runs.items():
+        np.testing.assert_allclose(run["losses"], runs[first]["losses"], rtol=0, atol=1e-10, err_msg=n)
+        diffs = lenet.max_abs_diff(run["params"], runs[first]["params"])
+        worst = max(diffs, key=diffs.get)
+        assert diffs[worst] <= 1e-9, f"{n} vs {first}: {worst} differs by {diffs[worst]:.3g}"
