@@ -11,7 +11,7 @@ import backends
 from common import conventions as conv
 from common import data, lenet
 from common.spec import CONVENTION_FIELDS
-from common.reference import RESULT_KEYS, bn_step as reference_step, random_case
+from common.reference import RESULT_KEYS, bn_step as reference_step, error, random_case, within_tolerance
 from conftest import load_backend, backend_impls
 
 SHAPES = {"2d": (16, 5), "4d": (4, 3, 5, 6), "small-batch": (2, 4)}
@@ -24,9 +24,7 @@ def assert_close(out, ref, dtype, keys=RESULT_KEYS, label=""):
         got = np.asarray(out[k])
         assert got.dtype == dtype, f"{label}{k}: dtype {got.dtype}, expected {dtype}"
         assert got.shape == ref[k].shape, f"{label}{k}: shape {got.shape}, expected {ref[k].shape}"
-        err = float(np.max(np.abs(got.astype(np.float64) - ref[k])))
-        tol = 1e-10 if dtype == np.float64 else 1e-5 * max(1.0, float(np.max(np.abs(ref[k]))))
-        assert err <= tol, f"{label}{k}: max abs error {err:.3g} > {tol:.3g}"
+        assert within_tolerance(got, ref[k], dtype), f"{label}{k}: (abs, rel) error {error(got, ref[k])}"
 
 
 def _step(backend, impl, case, **kw):

@@ -1,0 +1,132 @@
+"""compare.py end to end on the sample data (quick mode), its error handling, and a deliberately
+broken convention that the agreement report must catch."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import compare
+from backends import worker
+from common import runner, spec
+from common.spec import OLD
+from conftest import REPO, REQUIRED, load_backend
+
+
+def _compare(*argv, env=None, timeout=900):
+    return subprocess.run([sys.executable, "compare.py", *map(str, argv)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, sample_dir):
+    out = tmp_path_factory.mktemp("results")
+    proc = _compare("--quick", "--data", sample_dir, "--out", out)
+    return proc, out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_report_and_passes(quick_run):
+    proc, out, res = quick_run
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(res["reports"]) == {"agreement", "conventions", "trajectory", "train", "speed"}
+    assert (out / "results.md").read_text().count("## ") == 5
+    live = [n for n, b in res["backends"].items() if b["available"]]
+    assert REQUIRED <= set(live), res["backends"]
+    for b in live:
+        assert res["backends"][b]["versions"], b
+
+    rows = [r for r in res["reports"]["agreement"]["rows"] if "dtype" in r]
+    assert {(r["backend"], r["dtype"]) for r in rows} == {(b, d) for b in live for d in ("float64", "float32")}
+    assert all(r["pass"] for r in rows), [r for r in rows if not r["pass"]]
+    worst64 = max(e["abs"] for r in rows if r["dtype"] == "float64" for e in r["errors"].values())
+    assert worst64 <= 1e-10
+    assert all(p["pass"] for p in res["reports"]["agreement"]["pairwise"])
+    if "torch" in live:  # native PyTorch's unbiased running variance is labelled, not passed off
+        assert any(c["backend"] == "torch" and c["impl"] == "native" and c["running_var_gap"] > 1e-3
+                   for c in res["reports"]["agreement"]["conventions"])
+
+    conv_rows = [r for r in res["reports"]["conventions"]["rows"] if "check" in r]
+    assert conv_rows and all(c["agrees"] for r in conv_rows for c in r["check"].values())
+    translation = res["reports"]["conventions"]["translation"]
+    assert translation["mxnet_source_0.9_as_torch_source"] == pytest.approx(0.1)
+    assert all(r["matches_closed_form"] for r in translation["runs"].values())
+
+    traj = res["reports"]["trajectory"]["dtypes"]["float64"]
+    assert traj["runs"] and all(r["pass"] for r in traj["runs"].values()), traj["runs"]
+    assert len(traj["runs"]) == sum(len(res["backends"][b]["impls"]) for b in live)
+
+    train = res["reports"]["train"]["runs"]
+    assert all("error" not in r for r in train.values()), train
+    assert all(r["test_acc"] > 0.4 and r["device"] for r in train.values())  # chance is 0.1
+    assert (out / "training.png").stat().st_size > 10_000
+    speed = res["reports"]["speed"]["runs"]
+    assert all(r.get("examples_per_s", 0) > 0 or "error" in r for r in speed.values())
+
+
+def test_help_lists_every_report():
+    proc = _compare("--help")
+    assert proc.returncode == 0
+    for name in runner.ORDER:
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backends", "tensorflow"], "unknown"),
+    (["--python", "mxnet=/no/such/python"], "does not exist"),
+    (["--python", "mxnet"], "NAME=INTERPRETER"),
+    (["--epochs", "0", "train"], "at least 1"),
+    (["--data", "/no/such/dir", "train"], "not a directory"),
+    (["nonsense"], "invalid choice"),
+])
+def test_bad_command_lines_give_one_clear_error(argv, message, tmp_path):
+    proc = _compare(*argv, "--out", tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_corrupt_data_is_a_clear_error_naming_the_file(tmp_path, sample_dir):
+    for f in sample_dir.glob("*.gz"):
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
+    proc = _compare("trajectory", "--quick", "--backends", "torch", "--data", tmp_path, "--out", tmp_path / "out")
+    assert "Traceback" not in proc.stderr
+    assert "train-labels-idx1-ubyte.gz" in proc.stdout + proc.stderr
+    assert (tmp_path / "out" / "results.json").exists()  # the report says why; nothing is lost
+
+
+def test_a_backend_that_crashes_becomes_a_row_and_the_others_are_written(tmp_path):
+    proc = _compare("conventions", "--backends", "torch,jax", "--python", "jax=/bin/false", "--out", tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["backends"]["jax"]["available"] is False
+    assert "exited with code 1" in res["backends"]["jax"]["reason"]
+    assert "jax" in (tmp_path / "results.md").read_text()
+    if res["backends"]["torch"]["available"]:
+        assert any(r["row"].startswith("torch/") and "check" in r for r in res["reports"]["conventions"]["rows"])
+    assert "Traceback" not in proc.stderr
+
+
+def _in_process(ctx, name, task, args):
+    """Context.call without a child process, so a test can alter the backend's environment."""
+    b = load_backend(name)
+    return {"result": worker.TASKS[task](b, {"backend": name, **args})}
+
+
+def test_agreement_catches_a_backend_told_the_wrong_momentum_meaning(monkeypatch, tmp_path):
+    """Tell the torch backend that native PyTorch's momentum weighs the OLD value (a classic port
+    bug): its running statistics are then wrong and the agreement check must say so."""
+    load_backend("torch")
+    args = compare.build_parser().parse_args(["agreement", "--backends", "torch", "--out", str(tmp_path)])
+    ctx = runner.Context(args)
+    monkeypatch.setattr(runner.Context, "call", _in_process)
+    monkeypatch.setitem(spec.MOMENTUM_WEIGHS, "torch-native", OLD)
+    payload = runner.run_agreement(ctx)
+    verdict = {(r["impl"], r["dtype"]): r for r in payload["rows"] if "dtype" in r}
+    assert not verdict[("native", "float64")]["pass"]
+    assert not verdict[("native", "float64")]["errors"]["running_mean"]["pass"]
+    assert verdict[("native", "float64")]["errors"]["y"]["pass"]  # outputs are unaffected
+    assert verdict[("scratch", "float64")]["pass"]
+    assert any("torch/native" in f for f in ctx.failures)
