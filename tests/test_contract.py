@@ -35,7 +35,8 @@ def _step(backend, impl, case, **kw):
         claimed = backend.conventions()[impl]["running_var"]
         requested = "unbiased" if kw["unbiased"] else "biased"
         assert claimed != requested, f"{impl} refused unbiased={kw['unbiased']} but claims {claimed}"
-        pytest.skip(f"{impl} cannot express a {requested} running variance (its convention: {claimed})")
+        assert kw["training"], f"{impl} refused a running-variance setting in inference, where none is updated"
+        return None
 
 
 @pytest.mark.parametrize("name, impl", CASES)
@@ -49,7 +50,8 @@ def test_bn_step_matches_reference(name, impl, shape, dtype, decay, eps, trainin
     case = random_case(shape, seed=hash((shape, decay)) % 1000, dtype=dtype)
     ref = reference_step(**case, training=training, eps=eps, decay=decay, unbiased=unbiased)
     out = _step(backend, impl, case, training=training, eps=eps, decay=decay, unbiased=unbiased)
-    assert_close(out, ref, dtype)
+    if out is not None:  # None: a justified refusal, asserted in _step
+        assert_close(out, ref, dtype)
 
 
 @pytest.mark.parametrize("name, impl", CASES)

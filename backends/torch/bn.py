@@ -1,0 +1,308 @@
+"""Batch normalization in PyTorch: from scratch (autograd and closed-form backward), the
+`BatchNorm` layer, the native `nn.BatchNorm1d/2d` adapter, `bn_step`, `conventions`, `probe`.
+
+The from-scratch code follows the d2l PyTorch source: `moving = momentum * moving + (1 - momentum)
+* batch` (momentum weighs the OLD running value, i.e. it is the canonical decay) and the biased
+batch variance. Two things differ from the source, on purpose: the mode is an explicit argument
+(the source's `torch.is_grad_enabled()` test is kept as `source_batch_norm` and
+`BatchNorm(mode="grad_enabled")` to show that it ignores `model.eval()`), and the running
+statistics are registered buffers, so `state_dict()` saves them and `.to()` moves them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from backends import UnsupportedSetting
+from common import spec
+from common.reference import validate_inputs
+
+IMPLS = ("scratch", "scratch-analytic", "native")
+# What decides training vs inference: module.training, or the source's torch.is_grad_enabled().
+MODES = ("training", "grad_enabled")
+DEFAULT_MOMENTUM = 0.9  # the source's value, in its own (old-weight) meaning
+DEFAULT_EPS = 1e-5
+CONVENTION = {"scratch": "torch-source", "scratch-analytic": "torch-source",
+              "native": "torch-native"}
+
+
+def _layout(ndim: int):
+    if ndim not in (2, 4):
+        raise ValueError(f"batch norm takes 2-D (N, C) or 4-D (N, C, H, W) input, got {ndim}-D")
+    dims = (0,) if ndim == 2 else (0, 2, 3)
+    return dims, (1, -1) + (1,) * (ndim - 2)
+
+
+def _var_stat(var, X, unbiased):
+    """The batch variance fed to the running variance: biased, or ÷(m-1) if `unbiased`."""
+    m = X.numel() // X.shape[1]
+    return var * (m / (m - 1)) if unbiased else var
+
+
+def _moving(moving, batch_stat, momentum):
+    return (momentum * moving + (1.0 - momentum) * batch_stat.reshape(moving.shape)).detach()
+
+
+def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training, unbiased=False):
+    """From-scratch batch norm with autograd, written as the d2l PyTorch source.
+
+    Returns (Y, new_moving_mean, new_moving_var); the moving statistics come back detached and
+    unchanged in inference. `unbiased` feeds the ÷(m-1) batch variance to the running variance
+    (normalisation always uses the biased one, as PyTorch's own layer does)."""
+    dims, shape = _layout(X.dim())
+    if not training:
+        X_hat = (X - moving_mean.reshape(shape)) / torch.sqrt(moving_var.reshape(shape) + eps)
+        return gamma.reshape(shape) * X_hat + beta.reshape(shape), moving_mean, moving_var
+    mean = X.mean(dim=dims, keepdim=True)
+    var = ((X - mean) ** 2).mean(dim=dims, keepdim=True)
+    X_hat = (X - mean) / torch.sqrt(var + eps)
+    var_stat = _var_stat(var, X, unbiased)
+    Y = gamma.reshape(shape) * X_hat + beta.reshape(shape)
+    return Y, _moving(moving_mean, mean, momentum), _moving(moving_var, var_stat, momentum)
+
+
+def source_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
+    """The source's signature and mode test: training iff `torch.is_grad_enabled()`, whatever
+    `module.training` says (so `model.eval()` alone does not switch to running statistics)."""
+    return batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum,
+                      training=torch.is_grad_enabled())
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm with the closed-form backward (the formula of
+    `common.reference.bn_step`) instead of autograd through mean and variance.
+
+    forward(x, gamma, beta, eps) -> (y, batch_mean, biased_batch_var); the statistics are
+    non-differentiable outputs so the caller can update running statistics in forward."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps):
+        dims, shape = _layout(x.dim())
+        # CUDA: one fused Welford kernel; on CPU torch.var_mean is ~10x slower than two passes
+        if x.is_cuda:
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            xhat = x - mean.view(shape)
+        else:
+            mean = x.mean(dim=dims)
+            xhat = x - mean.view(shape)
+            var = (xhat * xhat).mean(dim=dims)
+        inv_std = torch.rsqrt(var + eps)
+        xhat.mul_(inv_std.view(shape))
+        y = torch.addcmul(beta.view(shape), xhat, gamma.view(shape))
+        ctx.save_for_backward(xhat, inv_std, gamma)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dmean, _dvar):
+        xhat, inv_std, gamma = ctx.saved_tensors
+        dims, shape = _layout(xhat.dim())
+        m = xhat.numel() // xhat.shape[1]
+        dbeta = dy.sum(dim=dims)
+        dgamma = (dy * xhat).sum(dim=dims)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            # dx = gamma/sigma * (dy - mean(dy) - xhat * mean(dy * xhat)), as a*dy + b*xhat + c
+            a = gamma * inv_std
+            a_m = a * (-1.0 / m)
+            dx = torch.addcmul((a_m * dbeta).view(shape), xhat, (a_m * dgamma).view(shape))
+            dx.addcmul_(dy, a.view(shape))
+        return dx, dgamma, dbeta, None
+
+
+def batch_norm_analytic(X, gamma, beta, moving_mean, moving_var, eps, momentum, training,
+                        unbiased=False):
+    """`batch_norm` with the hand-written backward of `BatchNormFunction`; same signature and
+    results (to rounding)."""
+    if not training:
+        _, shape = _layout(X.dim())
+        scale = gamma.reshape(-1) * torch.rsqrt(moving_var.reshape(-1) + eps)
+        # subtract first: folding the mean into the shift loses float32 digits for large means
+        Y = torch.addcmul(beta.reshape(shape), X - moving_mean.reshape(shape), scale.view(shape))
+        return Y, moving_mean, moving_var
+    Y, mean, var = BatchNormFunction.apply(X, gamma.reshape(-1), beta.reshape(-1), eps)
+    var_stat = _var_stat(var, X, unbiased)
+    # lerp(moving, batch, 1 - m) = m * moving + (1 - m) * batch in one kernel
+    return (Y, torch.lerp(moving_mean, mean.view(moving_mean.shape), 1.0 - momentum),
+            torch.lerp(moving_var, var_stat.view(moving_var.shape), 1.0 - momentum))
+
+
+class BatchNorm(nn.Module):
+    """From-scratch batch-norm layer (the source's `BatchNorm(num_features, num_dims)`).
+
+    `momentum` weighs the old running value (canonical decay); running statistics are buffers
+    updated in place during training forward passes. `analytic=True` uses the closed-form
+    backward; `unbiased=True` updates the running variance with the ÷(m-1) estimator (what
+    `nn.BatchNorm*d` does); `mode="grad_enabled"` reproduces the source's mode test."""
+
+    def __init__(self, num_features, num_dims=4, *, eps=DEFAULT_EPS, momentum=DEFAULT_MOMENTUM,
+                 unbiased=False, analytic=False, mode="training", device=None, dtype=None):
+        super().__init__()
+        _layout(num_dims)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        spec.check_decay(momentum)
+        factory = dict(device=device, dtype=dtype)
+        self.num_features, self.num_dims = num_features, num_dims
+        self.eps, self.momentum, self.unbiased, self.analytic, self.mode = (
+            eps, momentum, unbiased, analytic, mode)
+        self.gamma = nn.Parameter(torch.ones(num_features, **factory))
+        self.beta = nn.Parameter(torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    def forward(self, X):
+        if X.dim() != self.num_dims:
+            raise ValueError(f"BatchNorm(num_dims={self.num_dims}) got {X.dim()}-D input")
+        training = torch.is_grad_enabled() if self.mode == "grad_enabled" else self.training
+        if training and self.analytic:  # the fast path: running statistics updated in place
+            Y, mean, var = BatchNormFunction.apply(X, self.gamma, self.beta, self.eps)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, 1.0 - self.momentum)
+                self.running_var.lerp_(_var_stat(var, X, self.unbiased), 1.0 - self.momentum)
+            return Y
+        fn = batch_norm_analytic if self.analytic else batch_norm
+        Y, mean, var = fn(X, self.gamma, self.beta, self.running_mean, self.running_var,
+                          self.eps, self.momentum, training, self.unbiased)
+        if training:
+            with torch.no_grad():
+                self.running_mean.copy_(mean)
+                self.running_var.copy_(var)
+        return Y
+
+    def extra_repr(self):
+        return (f"{self.num_features}, num_dims={self.num_dims}, eps={self.eps}, "
+                f"momentum={self.momentum}, unbiased={self.unbiased}, analytic={self.analytic}, "
+                f"mode={self.mode!r}")
+
+
+def check_impl(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"unknown torch impl {impl!r}; choose from {', '.join(IMPLS)}")
+
+
+def make_layer(impl, num_features, num_dims, *, eps, decay, unbiased=None, device=None,
+               dtype=None) -> nn.Module:
+    """A training-ready layer of `impl` for canonical `decay`; `unbiased=None` keeps the impl's
+    own running-variance convention. Native BN cannot take the biased setting."""
+    check_impl(impl)
+    momentum = spec.momentum_from_decay(decay, CONVENTION[impl])
+    factory = dict(device=device, dtype=dtype)
+    if impl == "native":
+        if unbiased is False:
+            raise UnsupportedSetting(
+                "torch native nn.BatchNorm*d always updates running_var with the unbiased "
+                "(÷(N-1)) batch variance and has no option for the biased one; use unbiased=True "
+                "(or impl='scratch', which supports both)")
+        cls = nn.BatchNorm2d if num_dims == 4 else nn.BatchNorm1d
+        return cls(num_features, eps=eps, momentum=momentum, **factory)
+    return BatchNorm(num_features, num_dims, eps=eps, momentum=momentum, unbiased=bool(unbiased),
+                     analytic=impl == "scratch-analytic", **factory)
+
+
+def gamma_beta(layer):
+    """(gamma, beta) parameters of a scratch or native layer."""
+    return (layer.gamma, layer.beta) if isinstance(layer, BatchNorm) else (layer.weight, layer.bias)
+
+
+def _float_dtype(x):
+    dt = np.asarray(x).dtype
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"x must be float32 or float64, got {dt}")
+    return dt
+
+
+def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
+            unbiased=False, impl="scratch") -> dict:
+    """One batch-norm step of `impl` (contract in backends/__init__.py), in x's dtype."""
+    validate_inputs(x, gamma, beta, running_mean, running_var, dy,
+                    training=training, eps=eps, decay=decay)
+    check_impl(impl)
+    dt = _float_dtype(x)
+    tdt = torch.float32 if dt == np.float32 else torch.float64
+    t = {k: torch.tensor(np.asarray(v), dtype=tdt) for k, v in dict(
+        x=x, gamma=gamma, beta=beta, rm=running_mean, rv=running_var, dy=dy).items()}
+    xs = t["x"]
+    # In inference no running statistic is updated, so the estimator setting is moot.
+    layer = make_layer(impl, xs.shape[1], xs.dim(), eps=eps, decay=decay,
+                       unbiased=unbiased if training else None, dtype=tdt)
+    g, b = gamma_beta(layer)
+    with torch.no_grad():
+        g.copy_(t["gamma"])
+        b.copy_(t["beta"])
+        layer.running_mean.copy_(t["rm"])
+        layer.running_var.copy_(t["rv"])
+    layer.train(training)
+    xs.requires_grad_(True)
+    with torch.enable_grad():
+        y = layer(xs)
+        y.backward(t["dy"])
+    out = dict(y=y, dx=xs.grad, dgamma=g.grad, dbeta=b.grad,
+               running_mean=layer.running_mean, running_var=layer.running_var)
+    return {k: v.detach().numpy().astype(dt, copy=True) for k, v in out.items()}
+
+
+def conventions() -> dict:
+    """The convention fields of `common.spec.CONVENTION_FIELDS` per impl, read from freshly built
+    layers (the installed torch for native)."""
+    out = {}
+    for impl in IMPLS:
+        if impl == "native":
+            layer = nn.BatchNorm2d(1)
+            notes = ("nn.BatchNorm2d/1d: momentum weighs the new batch statistic; running_var is "
+                     "always updated with the unbiased estimate while normalising with the biased "
+                     "one (no biased option: bn_step raises UnsupportedSetting for "
+                     "unbiased=False); CPU uses two-pass variance, CUDA Welford; mode from "
+                     "module.training")
+        else:
+            layer = BatchNorm(1, 4, analytic=impl == "scratch-analytic")
+            notes = ("d2l PyTorch source formula moving = m*moving + (1-m)*batch; mode from "
+                     "module.training (the source's torch.is_grad_enabled() test is kept as "
+                     "mode='grad_enabled'); running stats are registered buffers; unbiased=True "
+                     "option matches native")
+            if impl == "scratch-analytic":
+                notes += "; closed-form backward via torch.autograd.Function"
+        out[impl] = dict(
+            momentum_weighs=spec.MOMENTUM_WEIGHS[CONVENTION[impl]],
+            default_momentum=float(layer.momentum),
+            default_eps=float(layer.eps),
+            running_var="unbiased" if impl == "native" else "biased",
+            stats_update="forward",
+            layout="NCHW",
+            initial_running_var=float(layer.running_var[0]),
+            notes=notes,
+        )
+    return out
+
+
+def probe(impl, x, *, momentum=None, eps=None) -> dict:
+    """One training step of a fresh `impl` layer with its own defaults (momentum/eps overridden
+    only when given, in the impl's own meaning) on float64 `x`, upstream gradient ones."""
+    check_impl(impl)
+    xs = torch.tensor(np.asarray(x, dtype=np.float64))
+    _layout(xs.dim())
+    kw = {k: v for k, v in dict(momentum=momentum, eps=eps).items() if v is not None}
+    c = xs.shape[1]
+    if impl == "native":
+        layer = (nn.BatchNorm2d if xs.dim() == 4 else nn.BatchNorm1d)(c, dtype=torch.float64, **kw)
+    else:
+        layer = BatchNorm(c, xs.dim(), analytic=impl == "scratch-analytic", dtype=torch.float64,
+                          **kw)
+    layer.train()
+
+    def stats():
+        return {k: getattr(layer, k).detach().numpy().copy()
+                for k in ("running_mean", "running_var")}
+
+    initial = stats()
+    xs.requires_grad_(True)
+    with torch.enable_grad():
+        y = layer(xs)
+        after_forward = stats()
+        y.backward(torch.ones_like(y))
+    return dict(momentum=float(layer.momentum), eps=float(layer.eps), initial=initial,
+                after_forward=after_forward, after_backward=stats(),
+                y=y.detach().numpy().copy())
