@@ -52,6 +52,19 @@ probe(impl, x, *, momentum=None, eps=None) -> dict
     `common.conventions.infer` turns this into the convention fields, so the conventions table
     is an experiment, not a claim.
 
+speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5) -> dict
+    (in train.py) Training-step throughput of LeNet-BN on the fastest path this backend has for
+    `impl` on `device` (data resident on the device, compiled/fused steps where the framework
+    offers them), on synthetic Fashion-MNIST-shaped data. Times `repeats` runs of `steps` steps
+    after warm-up with proper synchronisation; returns {"examples_per_s": median,
+    "runs": [examples/s per run], "compile_s": first-call (warm-up/compile) seconds, "device":
+    description, "path": what was timed (e.g. "CUDA graph", "jit + lax.scan", "eager")}. The fast
+    path must give the same losses as the plain `lenet_train` path (tested).
+
+exact_numerics() -> None
+    Turn off TF32 and reduced-precision matmuls in this process (for agreement/trajectory runs on
+    a GPU). A no-op where the framework has none.
+
 versions() -> {package: version} of the framework packages this backend uses.
 """
 from __future__ import annotations
