@@ -13,10 +13,11 @@ import types
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-pytest.importorskip("flax")
-pytest.importorskip("optax")
+from conftest import REPO, load_backend  # noqa: E402
+
+jb = load_backend("jax")  # fails, or skips with the reason if allowed (conftest)
 import flax  # noqa: E402
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import backends  # noqa: E402
@@ -25,9 +26,6 @@ from backends.jax import lenet as jlenet  # noqa: E402
 from common import data, lenet  # noqa: E402
 from common.reference import bn_step as reference_step  # noqa: E402
 from common.spec import decay_from_momentum  # noqa: E402
-from conftest import REPO  # noqa: E402
-
-jb = backends.load("jax")
 
 
 def x64_on() -> bool:
@@ -328,3 +326,10 @@ def test_gpu_request_without_gpu_raises_device_unavailable():
         test_x=np.zeros((2, 1, 28, 28), np.float32), test_y=np.zeros(2, np.int64))
     with pytest.raises(backends.DeviceUnavailable, match="no GPU"):
         jb.fit(ds, impl="scratch", epochs=1, device="gpu")
+
+
+def test_speed_reports_timed_runs_after_a_warm_up():
+    r = jb.speed(impl="scratch", batch_size=32, steps=3, repeats=3)
+    assert len(r["runs"]) == 3 and all(v > 0 for v in r["runs"])
+    assert r["examples_per_s"] == sorted(r["runs"])[1]  # the median
+    assert r["device"] and r["path"] and r["compile_s"] > 0

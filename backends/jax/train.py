@@ -171,3 +171,23 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
             "examples_per_s": n * epochs / train_s if train_s else float("nan"),
             "wall_s": time.perf_counter() - start, "compile_s": compile_s,
             "path": "lax.scan epoch" if scan else "jit step loop", "dtype": dt.name}
+
+
+def speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5) -> dict:
+    """The contract's speed: `fit`'s own training path (scan per epoch on a GPU, jitted step loop
+    on the CPU) on seeded synthetic images; an epoch of `steps` batches is one timed run, the first
+    epoch is the warm-up."""
+    rng = np.random.default_rng(0)
+    n = batch_size * steps
+    x = rng.uniform(0.0, 1.0, size=(n, 1, 28, 28)).astype(dtype)
+    y = rng.integers(0, 10, size=n)
+    ds = cdata.Dataset(x, y, x[:batch_size], y[:batch_size], "synthetic")
+    r = fit(ds, impl=impl, epochs=repeats + 1, batch_size=batch_size, device=device, dtype=dtype)
+    runs = [h["examples_per_s"] for h in r["history"][1:]]
+    return {"examples_per_s": float(np.median(runs)), "runs": runs, "compile_s": r["compile_s"],
+            "warmup_s": r["history"][0]["seconds"], "device": r["device"], "path": r["path"]}
+
+
+def exact_numerics() -> None:
+    """Full float32 precision for matmuls and convolutions (no TF32) in this process."""
+    jax.config.update("jax_default_matmul_precision", "highest")
