@@ -282,11 +282,16 @@ def agreement_markdown(ctx, table, pairwise, conventions_seen, n_cases) -> str:
         lines.append(report.md_table(["backend", "impl", "dtype", "convention", "running_var gap to requested"],
                                      [[*k, v] for k, v in seen.items()]))
     if pairwise:
-        lines += ["", "**Pairwise across backends** (max difference over every case and quantity; "
-                  "float32 relative; pass within 2× the tolerance):", ""]
-        lines.append(report.md_table(["a", "b", "dtype", "max diff", "result"],
-                                     [[p["a"], p["b"], p["dtype"], p["max_diff"],
-                                       report.PASS if p["pass"] else report.FAIL] for p in pairwise]))
+        lines += ["", "**Pairwise across backends**: max difference between two impls over every case "
+                  "and quantity (float64 abs, float32 relative), "
+                  f"{report.PASS} within 2× the tolerance.", ""]
+        for dtype in dict.fromkeys(p["dtype"] for p in pairwise):
+            cells = {(p["a"], p["b"]): p for p in pairwise if p["dtype"] == dtype}
+            names = sorted({k for pair in cells for k in pair})
+            rows = [[a, *[(f"{report.fmt(cells[(a, b)]['max_diff'])} "
+                           f"{report.PASS if cells[(a, b)]['pass'] else report.FAIL}") if (a, b) in cells
+                          else "" for b in names[1:]]] for a in names[:-1]]
+            lines += [report.md_table([dtype, *names[1:]], rows), ""]
     return "\n".join(lines)
 
 

@@ -242,3 +242,84 @@ def test_fit_on_missing_gpu_raises_device_unavailable(sample):
     with pytest.raises(DeviceUnavailable, match="CUDA") as info:
         tb.fit(sample, impl="native", epochs=1, device="gpu")
     assert "device='cpu'" in str(info.value)
+
+
+# --- the speed path: DeviceSteps and speed() ------------------------------------------------
+from backends.torch import train as ttrain  # noqa: E402
+from backends.torch.lenet import build_lenet, get_params  # noqa: E402
+
+STEP_TOL = {"float32": 1e-6, "float64": 1e-10}
+
+
+def _device_steps_run(params, x, y, order, *, impl, dtype, device, path, lr=0.5):
+    dev = torch.device(device)
+    tdt = getattr(torch, dtype)
+    model = build_lenet(impl, device=dev, dtype=tdt, params=params).train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    steps = ttrain.DeviceSteps(model, opt, torch.as_tensor(x, dtype=tdt).to(dev),
+                               torch.as_tensor(y, dtype=torch.int64).to(dev),
+                               torch.as_tensor(order).to(dev), path)
+    steps.run(len(order))
+    return steps.losses.tolist(), get_params(model)
+
+
+def _check_same_training(sample, impl, dtype, device, path):
+    """The speed path's step (batches gathered on the device by index, step counter and losses
+    on the device) trains exactly as lenet_train does on the same batches."""
+    params = clenet.init_params(5)
+    x, y = sample.train_x[:192], sample.train_y[:192]
+    order = np.random.default_rng(0).permutation(192).reshape(3, 64)
+    losses, got = _device_steps_run(params, x, y, order, impl=impl, dtype=dtype, device=device,
+                                    path=path)
+    want = tb.lenet_train(params, [(x[o], y[o]) for o in order], lr=0.5, impl=impl, dtype=dtype,
+                          device=device)
+    tol = STEP_TOL[dtype]
+    np.testing.assert_allclose(losses, want["losses"], rtol=0, atol=tol)
+    for name, v in want["params"].items():
+        np.testing.assert_allclose(got[name], v, rtol=0, atol=tol * 10, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("impl", tbn.IMPLS)
+def test_speed_path_trains_like_lenet_train(sample, impl, dtype):
+    _check_same_training(sample, impl, dtype, "cpu", "eager")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("path", ["eager", "cuda-graph", "compile"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("impl", tbn.IMPLS)
+def test_cuda_speed_paths_train_like_lenet_train(sample, impl, dtype, path):
+    if path == "compile" and dtype == "float64":
+        pytest.skip("compile is timed in float32; one dtype keeps the compile time down")
+    tb.exact_numerics()  # TF32 would differ from itself across cuDNN algorithms
+    _check_same_training(sample, impl, dtype, "cuda", path)
+
+
+def test_speed_reports_the_contract_fields():
+    r = tb.speed(impl="scratch-analytic", device="cpu", batch_size=32, steps=2, repeats=2)
+    assert set(r) >= {"examples_per_s", "runs", "compile_s", "device", "path"}
+    assert r["device"] == "cpu" and r["path"] == "eager" and len(r["runs"]) == 2
+    assert r["examples_per_s"] > 0 and r["compile_s"] >= 0
+    assert torch.backends.cudnn.benchmark is False  # restored
+    with pytest.raises(ValueError, match="path"):
+        tb.speed(impl="native", device="cpu", path="fastest")
+    with pytest.raises(ValueError, match="steps"):
+        tb.speed(impl="native", device="cpu", steps=0)
+    with pytest.raises(DeviceUnavailable, match="CUDA"):
+        tb.speed(impl="native", device="cpu", path="cuda-graph")
+
+
+def test_exact_numerics_turns_tf32_off():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        tb.exact_numerics()
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])

@@ -1,7 +1,10 @@
-"""LeNet-BN training loop (`fit`), device selection and versions for the PyTorch backend.
+"""LeNet-BN training loop (`fit`), the throughput benchmark (`speed`), device selection,
+`exact_numerics` and versions for the PyTorch backend.
 
 The loop keeps the whole data set on the device and gathers each batch there by index; loss and
 accuracy accumulate in device tensors and are read once per epoch, so no step waits on the host.
+`speed` times `DeviceSteps`, the same SGD step with even the batch index on the device, so that
+on CUDA the whole step can be captured once in a CUDA graph and replayed.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from .bn import check_impl
 from .lenet import build_lenet, sgd_step, torch_dtype
 
 EVAL_CHUNK = 4096
+SPEED_PATHS = ("auto", "eager", "cuda-graph", "compile")
+SPEED_BATCHES = 16  # distinct synthetic batches the timed steps cycle through
 
 
 def _no_cuda_reason() -> str:
@@ -141,6 +146,183 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
                 train_acc=last["train_acc"], test_acc=last["test_acc"],
                 examples_per_s=total_examples / total_seconds,
                 wall_s=time.perf_counter() - wall0)
+
+
+class DeviceSteps:
+    """SGD steps of `model` on device-resident data: step i trains on X[order[i % len(order)]],
+    Y[...] (`order`: steps × batch int64 indices on the device) and writes its loss to
+    `losses[i % len(order)]`. The step counter lives on the device too, so no step waits on the
+    host and the step is the same code on every path:
+
+    "eager"       `lenet.sgd_step` (the step `lenet_train` and `fit` take) called per step;
+    "cuda-graph"  that step (gather, forward, loss, backward, SGD update, running statistics, loss
+                  record, counter) captured once in a CUDA graph and replayed (CUDA only);
+    "compile"     the model under torch.compile; on CUDA also captured as in "cuda-graph".
+
+    Capture needs warm-up steps (cuDNN/cuBLAS plans, compilation); they run on a side stream
+    and the model is restored afterwards, so step 0 starts from the given parameters."""
+
+    WARMUP = 3
+
+    def __init__(self, model, opt, X, Y, order, path="eager"):
+        if path not in SPEED_PATHS[1:]:
+            raise ValueError(f"path must be one of {', '.join(SPEED_PATHS[1:])}, got {path!r}")
+        if path == "cuda-graph" and X.device.type != "cuda":
+            raise DeviceUnavailable(f"path='cuda-graph' needs a CUDA device, got {X.device}")
+        self.model, self.opt, self.X, self.Y, self.order, self.path = model, opt, X, Y, order, path
+        dev = X.device
+        self.counter = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.losses = torch.zeros(len(order), dtype=X.dtype, device=dev)
+        self.forward = torch.compile(model) if path == "compile" else model
+        self.graph = None
+        if dev.type == "cuda" and path != "eager":
+            self._capture()
+
+    def _step(self):
+        idx = self.order.index_select(0, self.counter).view(-1)
+        loss, _ = sgd_step(self.forward, self.opt, self.X.index_select(0, idx),
+                           self.Y.index_select(0, idx))
+        self.losses.index_copy_(0, self.counter, loss.view(1))
+        self.counter.add_(1).remainder_(len(self.order))
+
+    def _capture(self):
+        dev = self.X.device
+        state = [*self.model.parameters(), *self.model.buffers()]
+        saved = [t.detach().clone() for t in state]
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self._step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        # grads are allocated in the graph's pool by the captured backward and rewritten per replay
+        self.opt.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        with torch.no_grad():  # in place: the graph holds these addresses
+            for t, v in zip(state, saved):
+                t.copy_(v)
+            self.counter.zero_()
+            self.losses.zero_()
+
+    def run(self, n: int) -> None:
+        """The next `n` steps, queued on the device without waiting for them."""
+        for _ in range(n):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+
+
+def _speed_path(path: str, dev: torch.device) -> str:
+    if path not in SPEED_PATHS:
+        raise ValueError(f"path must be one of {', '.join(SPEED_PATHS)}, got {path!r}")
+    if path == "auto":
+        return "compile" if dev.type == "cuda" else "eager"
+    if path == "cuda-graph" and dev.type != "cuda":
+        raise DeviceUnavailable("path='cuda-graph' needs a CUDA device; use path='eager' on CPU")
+    return path
+
+
+PATH_NAMES = {("cuda", "eager"): "eager, data on the GPU", ("cpu", "eager"): "eager",
+              ("cuda", "cuda-graph"): "CUDA graph of the whole step",
+              ("cuda", "compile"): "torch.compile + CUDA graph of the whole step",
+              ("cpu", "compile"): "torch.compile (inductor, C++)"}
+
+
+def _time_steps(steps_obj, dev, steps, repeats, batch_size):
+    runs = []
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        steps_obj.run(steps)
+        _sync(dev)
+        runs.append(steps * batch_size / (time.perf_counter() - t0))
+    return runs
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return int(v)
+
+
+def speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5,
+          path="auto", seed=0) -> dict:
+    """Training-step throughput of LeNet-BN with `impl` (contract in backends/__init__.py).
+
+    Synthetic Fashion-MNIST-shaped data (seeded NumPy, pixels in [0, 1), SPEED_BATCHES batches)
+    lives on the device. `path`: "auto" is "compile" (torch.compile + CUDA graph) on CUDA
+    and "eager" on CPU, where torch.compile costs a minute of C++ compilation per impl for a gain
+    the measurements did not show; "eager", "cuda-graph" or "compile" ask for one. On CUDA the
+    eager path is timed as well and reported as "eager_examples_per_s" (and in "note"), and a
+    failing torch.compile falls back to the CUDA graph of the eager step (said in "note").
+    compile_s is the setup: data upload, compilation or capture, and the warm-up steps."""
+    check_impl(impl)
+    batch_size, steps, repeats = (_positive_int(k, v) for k, v in
+                                  dict(batch_size=batch_size, steps=steps, repeats=repeats).items())
+    dev, desc = resolve_device(device)
+    path = _speed_path(path, dev)
+    tdt = torch_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    n = SPEED_BATCHES * batch_size
+    X = torch.as_tensor(rng.random((n, 1, 28, 28)), dtype=tdt).to(dev)
+    Y = torch.as_tensor(rng.integers(0, 10, n), dtype=torch.int64).to(dev)
+    order = torch.as_tensor(rng.permutation(n).reshape(SPEED_BATCHES, batch_size)).to(dev)
+    params = canon.init_params(seed)
+
+    def setup(p):
+        model = build_lenet(impl, device=dev, dtype=tdt, params=params).train()
+        opt = torch.optim.SGD(model.parameters(), lr=canon.DEFAULT_LR)
+        return DeviceSteps(model, opt, X, Y, order, p)
+
+    notes = []
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = dev.type == "cuda" or benchmark  # autotuned conv plans
+    try:
+        _sync(dev)
+        t0 = time.perf_counter()
+        try:
+            runner = setup(path)
+        except Exception as e:
+            if path != "compile" or dev.type != "cuda":
+                raise
+            notes.append(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
+                         "timed the CUDA graph of the eager step")
+            path = "cuda-graph"
+            t0 = time.perf_counter()
+            runner = setup(path)
+        runner.run(DeviceSteps.WARMUP)
+        _sync(dev)
+        compile_s = time.perf_counter() - t0
+        runs = _time_steps(runner, dev, steps, repeats, batch_size)
+        out = {"examples_per_s": float(np.median(runs)), "runs": runs, "compile_s": compile_s,
+               "device": desc, "path": PATH_NAMES[dev.type, path]}
+        if dev.type == "cuda" and path != "eager":
+            eager = setup("eager")
+            eager.run(DeviceSteps.WARMUP)
+            eager_runs = _time_steps(eager, dev, steps, repeats, batch_size)
+            out["eager_examples_per_s"] = float(np.median(eager_runs))
+            out["eager_runs"] = eager_runs
+            notes.append(f"eager {out['eager_examples_per_s']:,.0f} examples/s")
+        if dev.type == "cuda":
+            out["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                           "cudnn": torch.backends.cudnn.allow_tf32}
+        if notes:
+            out["note"] = "; ".join(notes)
+        return out
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def exact_numerics() -> None:
+    """No TF32 and no reduced-precision float32 matmuls or convolutions in this process, for
+    agreement and trajectory runs on a GPU (TF32 keeps 10 mantissa bits). CPU results do not
+    change."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
 
 
 def versions() -> dict[str, str]:
