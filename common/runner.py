@@ -26,6 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 ORDER = ("agreement", "conventions", "trajectory", "train", "speed")
 SHAPES = {"2-D": (64, 16), "4-D": (16, 6, 8, 8), "2-D small batch": (2, 8), "4-D small batch": (2, 3, 3, 3)}
 SETTINGS = ((0.9, 1e-5), (0.1, 1e-3))  # (decay, eps)
+TRAJECTORY_DECAY = 0.9
 
 
 class UsageError(Exception):
@@ -189,6 +190,7 @@ def run_agreement(ctx: Context, inject=None) -> dict:
             if isinstance(per_case, dict):  # the whole impl failed
                 table.append({"backend": name, "impl": impl, "error": per_case["error"]})
                 continue
+            claimed = ctx.info(name)["conventions"].get(impl, {})
             for dtype in ctx.dtypes:
                 cell = {k: {"abs": 0.0, "rel": 0.0, "pass": True} for k in RESULT_KEYS}
                 errors = []
@@ -198,18 +200,25 @@ def run_agreement(ctx: Context, inject=None) -> dict:
                     if "error" in res:
                         errors.append(f"{c['shape']} training={c['training']}: {res['error']}")
                         continue
-                    expected = ref
-                    if "convention" in res:
+                    expected, labels = ref, []
+                    unbiased = c["unbiased"]
+                    if "convention" in res:  # the impl ran with its own variance estimator
+                        labels.append(res["convention"])
+                        unbiased = not unbiased
+                    applied = spec.effective_decay(c["decay"], claimed)
+                    if applied != c["decay"] and c["training"] and dtype == "float64":
+                        labels.append(f"momentum applied in {claimed['momentum_dtype']}")
+                    else:
+                        applied = c["decay"]
+                    if labels:
                         # Checked against the reference under the impl's own convention; the gap to
-                        # the requested one is reported as a convention, not noise.
-                        own = bn_step(**c["inputs"], training=c["training"], eps=c["eps"],
-                                      decay=c["decay"], unbiased=not c["unbiased"])
-                        gap = error(res["out"]["running_var"], ref["running_var"])[0]
-                        conventions_seen.append(dict(backend=name, impl=impl, dtype=dtype,
-                                                     shape=c["shape"], convention=res["convention"],
-                                                     running_var_gap=gap))
-                        expected = own
-                    outputs.setdefault((name, impl, dtype), {})[i] = (res["out"], "convention" in res)
+                        # the requested setting is reported as a convention, not noise.
+                        expected = bn_step(**c["inputs"], training=c["training"], eps=c["eps"],
+                                           decay=applied, unbiased=unbiased)
+                        gap = max(error(res["out"][q], ref[q])[0] for q in ("running_mean", "running_var"))
+                        conventions_seen.append(dict(backend=name, impl=impl, dtype=dtype, shape=c["shape"],
+                                                     convention="; ".join(labels), running_stats_gap=gap))
+                    outputs.setdefault((name, impl, dtype), {})[i] = (res["out"], bool(labels))
                     for k in RESULT_KEYS:
                         a, rel = error(res["out"][k], expected[k])
                         ok = within_tolerance(res["out"][k], expected[k], dtype) and \
@@ -234,8 +243,8 @@ def run_agreement(ctx: Context, inject=None) -> dict:
 
 
 def pairwise_agreement(outputs, dtypes):
-    """Max difference between every two backend/impl outputs on the same inputs; running_var is
-    left out where either side followed its own convention."""
+    """Max difference between every two backend/impl outputs on the same inputs; running
+    statistics are left out where either side followed its own convention."""
     rows = []
     for dtype in dtypes:
         keys = sorted(k for k in outputs if k[2] == dtype)
@@ -244,7 +253,7 @@ def pairwise_agreement(outputs, dtypes):
             for i in outputs[ka].keys() & outputs[kb].keys():
                 (oa, conv_a), (ob, conv_b) = outputs[ka][i], outputs[kb][i]
                 for k in RESULT_KEYS:
-                    if k == "running_var" and (conv_a or conv_b):
+                    if k.startswith("running") and (conv_a or conv_b):
                         continue
                     worst = max(worst, error(oa[k], ob[k])[0 if dtype == "float64" else 1])
             rows.append({"a": "/".join(ka[:2]), "b": "/".join(kb[:2]), "dtype": dtype,
@@ -273,13 +282,13 @@ def agreement_markdown(ctx, table, pairwise, conventions_seen, n_cases) -> str:
     rows += ctx.unavailable_rows(len(headers))
     lines.append(report.md_table(headers, rows))
     if conventions_seen:
-        lines += ["", "**Differences that come from a convention, not from noise** (checked against the "
-                  "reference under the impl's own convention above; gap to the requested setting here):", ""]
+        lines += ["", "**Differences that come from a convention, not from noise** (checked above against the "
+                  "reference under the impl's own convention; here the gap to the requested setting):", ""]
         seen = {}
         for c in conventions_seen:
             key = (c["backend"], c["impl"], c["dtype"], c["convention"])
-            seen[key] = max(seen.get(key, 0.0), c["running_var_gap"])
-        lines.append(report.md_table(["backend", "impl", "dtype", "convention", "running_var gap to requested"],
+            seen[key] = max(seen.get(key, 0.0), c["running_stats_gap"])
+        lines.append(report.md_table(["backend", "impl", "dtype", "convention", "running-stats gap to requested"],
                                      [[*k, v] for k, v in seen.items()]))
     if pairwise:
         lines += ["", "**Pairwise across backends**: max difference between two impls over every case "
@@ -460,7 +469,8 @@ def run_trajectory(ctx: Context) -> dict:
         runs = {}
         for name in ctx.live():
             log(f"[{name}] trajectory: {steps} steps, {dtype}")
-            r = ctx.call(name, "trajectory", {"params": params, "xs": xs, "ys": ys, "lr": lr, "dtype": dtype})
+            r = ctx.call(name, "trajectory", {"params": params, "xs": xs, "ys": ys, "lr": lr,
+                                                 "decay": TRAJECTORY_DECAY, "dtype": dtype})
             if "result" not in r:
                 runs[name] = {"error": r.get("failed")}
                 continue
@@ -486,8 +496,18 @@ def summarise_trajectory(ctx, runs, dtype):
             continue
         loss_diff = np.abs(np.asarray(r["losses"]) - np.asarray(base["losses"])).tolist()
         pdiff = lenet.max_abs_diff(r["params"], base["params"])
-        convention = r.get("convention") or base.get("convention")
-        compared = {p: d for p, d in pdiff.items() if not (convention and p.endswith("running_var"))}
+        labels, excluded = [], set()
+        for k, run in ((key, r), (summary["baseline"], base)):
+            name, _, impl = k.partition("/")
+            claimed = ctx.info(name)["conventions"].get(impl, {})
+            if run.get("convention"):
+                labels.append(f"{k}: {run['convention']}")
+                excluded.add("running_var")
+            if dtype == "float64" and spec.effective_decay(TRAJECTORY_DECAY, claimed) != TRAJECTORY_DECAY:
+                labels.append(f"{k}: momentum applied in {claimed['momentum_dtype']}")
+                excluded |= {"running_mean", "running_var"}
+        convention = "; ".join(dict.fromkeys(labels))
+        compared = {p: d for p, d in pdiff.items() if p.rsplit(".", 1)[-1] not in excluded}
         first = next((p for p, d in compared.items() if tol is not None and d > tol), None)
         entry = {"losses": r["losses"], "loss_diff": loss_diff, "max_loss_diff": max(loss_diff),
                  "param_diff": pdiff, "max_param_diff": max(compared.values()),
@@ -513,7 +533,7 @@ def trajectory_markdown(ctx, s, dtype) -> str:
             continue
         verdict = ("—" if "pass" not in r else report.PASS if r["pass"] else
                    f"{report.FAIL} first differs at {r['first_divergence'] or 'the loss'}")
-        note = " (running_var excluded: " + r["convention"] + ")" if r["convention"] else ""
+        note = f" (running statistics a convention changes are excluded: {r['convention']})" if r["convention"] else ""
         rows.append([key, r["losses"][0], r["losses"][-1], r["max_loss_diff"], r["max_param_diff"], verdict + note])
     rows += ctx.unavailable_rows(6)
     out = [f"**{dtype}** (baseline: {s['baseline']})", "",

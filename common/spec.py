@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 OLD = "old running value"
 NEW = "new batch statistic"
 
@@ -45,6 +47,8 @@ CONVENTION_FIELDS = (
     "momentum_weighs", "default_momentum", "default_eps", "running_var", "stats_update",
     "layout", "initial_running_var",
 )
+# Optional field: the precision the layer applies its momentum in ("float64" when absent). MXNet's
+# native operator takes momentum as a float32, which float64 running statistics can see.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,16 @@ def decay_from_momentum(momentum: float, convention: str) -> float:
 def translate_momentum(momentum: float, source: str, target: str) -> float:
     """`momentum` written for `source` rewritten for `target` (e.g. mxnet-source 0.9 -> torch-source 0.1)."""
     return momentum_from_decay(decay_from_momentum(momentum, source), target)
+
+
+def effective_decay(decay: float, claimed: dict) -> float:
+    """The decay an impl really applies, given its claimed conventions: its momentum rounded to
+    `claimed["momentum_dtype"]` (float32 for MXNet's native layer) in its own meaning."""
+    if claimed.get("momentum_dtype", "float64") != "float32":
+        return decay
+    old = claimed["momentum_weighs"] == OLD
+    m = float(np.float32(decay if old else 1.0 - decay))
+    return m if old else 1.0 - m
 
 
 def running_update(running, batch_stat, decay: float):

@@ -46,7 +46,7 @@ def test_quick_run_writes_every_report_and_passes(quick_run):
     assert worst64 <= 1e-10
     assert all(p["pass"] for p in res["reports"]["agreement"]["pairwise"])
     if "torch" in live:  # native PyTorch's unbiased running variance is labelled, not passed off
-        assert any(c["backend"] == "torch" and c["impl"] == "native" and c["running_var_gap"] > 1e-3
+        assert any(c["backend"] == "torch" and c["impl"] == "native" and c["running_stats_gap"] > 1e-3
                    for c in res["reports"]["agreement"]["conventions"])
 
     conv_rows = [r for r in res["reports"]["conventions"]["rows"] if "check" in r]

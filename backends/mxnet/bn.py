@@ -1,0 +1,364 @@
+"""Batch norm in MXNet: the MXNet source's from-scratch `batch_norm`, a hybridizable `BatchNorm`
+layer built on it, the native `gluon.nn.BatchNorm` adapter, and `bn_step` / `conventions` /
+`probe` for the contract in `backends/__init__.py`.
+
+One from-scratch implementation serves both imperative and hybridized use. It follows the source:
+`moving = (1 - momentum) * moving + momentum * batch` (momentum weighs the NEW batch statistic,
+the inverse of the PyTorch source), biased batch variance, mode from `autograd.is_training()`
+unless given. It differs from the source only in which MXNet kernels carry the arithmetic: on CPU
+MXNet's broadcast kernels and their reduction backward are 10-40x slower than a 1x1
+convolution and a matrix product, so per-channel scale/shift and per-channel means use those
+(`_PerChannel`). That is what keeps from-scratch LeNet training within 1.25x of the native
+layer's step time.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import mxnet as mx
+from mxnet import autograd
+from mxnet.gluon import nn
+
+from backends import UnsupportedSetting
+from common import spec
+from common.reference import validate_inputs
+
+IMPLS = ("scratch", "native")
+
+SOURCE_MOMENTUM = 0.9  # the source's literal: 90% weight on the NEW batch statistic
+SOURCE_EPS = 1e-5
+SOURCE_INITIAL_RUNNING_VAR = 0.0  # the source: moving_var = zeros; gluon.nn.BatchNorm: ones
+
+
+def _module(x):
+    return mx.sym if isinstance(x, mx.sym.Symbol) else mx.nd
+
+
+class _PerChannel:
+    """Per-channel means and scale/shift for one input, built from kernels MXNet runs fast on CPU.
+
+    MXNet's generic reductions over axes (0, 2, 3) and its broadcast arithmetic (whose backward
+    is such a reduction) run 10-40x slower on CPU than matrix products and 1x1 convolutions. So
+    a mean is a matrix-vector product with a ones vector (over H*W, then over N); scale/shift
+    of NCHW data is a 1x1 convolution with the diagonal weight diag(scale) and bias shift
+    (MKLDNN's dense 1x1 convolution, backward included, is faster here than its depthwise one);
+    scale/shift of (N, C) data multiplies by an outer product with a ones column. Works on
+    NDArrays and Symbols alike.
+    """
+
+    def __init__(self, F, num_dims, num_features):
+        self.F, self.num_dims, self.num_features = F, num_dims, num_features
+        self._per_hw = self._ones_n = self._per_n = self._count = None
+
+    def _columns(self, A2):
+        """(N, 1) ones and 1/N from an (N, C) array: the input itself, or for NCHW the first
+        per-image means (so that the full input is not reshaped again)."""
+        F = self.F
+        self._ones_n = F.ones_like(F.slice_axis(A2, axis=1, begin=0, end=1))
+        n = F.sum(self._ones_n)
+        self._per_n = F.broadcast_div(self._ones_n, n)
+        self._count = n if self._count is None else self._count * n
+
+    def mean(self, A):
+        """(C,) mean over every axis but 1."""
+        F = self.F
+        if self.num_dims == 4:
+            rows = F.reshape(A, shape=(-3, -1))  # (N*C, H*W)
+            if self._per_hw is None:
+                ones = F.ones_like(F.slice_axis(rows, axis=0, begin=0, end=1))
+                self._count = F.sum(ones)
+                self._per_hw = F.broadcast_div(ones, self._count)  # (1, H*W) of 1/(H*W)
+            A = F.FullyConnected(rows, self._per_hw, no_bias=True, num_hidden=1)
+            A = F.reshape(A, shape=(-1, self.num_features))  # (N, C) per-image means
+        if self._per_n is None:
+            self._columns(A)
+        return F.reshape(F.dot(self._per_n, A, transpose_a=True), shape=(-1,))
+
+    def affine(self, A, scale, shift):
+        """A * scale + shift per channel; `scale=None` for A + shift."""
+        F, c = self.F, self.num_features
+        if self.num_dims == 4:
+            if scale is None:
+                scale = F.ones_like(shift)
+            weight = F.reshape(F.diag(scale), shape=(c, c, 1, 1))
+            return F.Convolution(A, weight, shift, kernel=(1, 1), num_filter=c)
+        if self._ones_n is None:
+            self._columns(A)
+        if scale is not None:
+            A = A * F.dot(self._ones_n, F.reshape(scale, shape=(1, -1)))
+        return A + F.dot(self._ones_n, F.reshape(shift, shape=(1, -1)))
+
+    def count(self):
+        """Values per channel (N, or N*H*W), a scalar of the input's dtype; after a mean."""
+        return self._count
+
+
+def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training=None, *,
+               unbiased=False, num_dims=None, num_features=None):
+    """The MXNet source's batch norm: returns (Y, moving_mean, moving_var), the moving statistics
+    updated as `(1 - momentum) * moving + momentum * batch` in training and unchanged otherwise.
+
+    Works on NDArrays (imperative) and Symbols (inside `hybrid_forward`); Symbols carry no
+    shape, so they need `num_dims` (2 or 4) and `num_features`. `training=None` reads
+    `autograd.is_training()`. `unbiased=True` feeds the ÷(m-1) variance into moving_var (the
+    source uses the biased one); normalisation always uses the biased variance.
+    """
+    F = _module(X)
+    if F is mx.nd:
+        num_dims, num_features = X.ndim, X.shape[1]
+    elif num_dims is None or num_features is None:
+        raise ValueError("batch_norm on Symbols needs num_dims and num_features")
+    if num_dims not in (2, 4):
+        raise ValueError(f"batch_norm takes 2-D (N, C) or 4-D NCHW input, got {num_dims}-D")
+    if training is None:
+        training = autograd.is_training()
+    per_channel = _PerChannel(F, num_dims, num_features)
+    if not training:
+        Xc = per_channel.affine(X, None, -moving_mean)
+        scale = gamma / F.sqrt(moving_var + eps)
+        return per_channel.affine(Xc, scale, beta), moving_mean, moving_var
+    mean = per_channel.mean(X)
+    # X - mean with the gradient to `mean` stopped: d(var)/d(mean) is zero, and the one path the
+    # mean's gradient needs (Y = (X - mean) * scale) goes through the shift below, where
+    # `stopped - mean` is exactly 0 in value. The centring then needs no weight/bias gradients.
+    stopped = F.BlockGrad(mean)
+    Xc = per_channel.affine(X, None, -stopped)
+    var = per_channel.mean(F.square(Xc))
+    scale = gamma / F.sqrt(var + eps)
+    Y = per_channel.affine(Xc, scale, beta + (stopped - mean) * scale)
+    if unbiased:
+        m = per_channel.count()
+        var = F.broadcast_mul(var, m / (m - 1))
+    moving_mean = (1.0 - momentum) * moving_mean + momentum * stopped
+    moving_var = (1.0 - momentum) * moving_var + momentum * F.BlockGrad(var)
+    return Y, moving_mean, moving_var
+
+
+class PerModeGraph(nn.HybridBlock):
+    """A HybridBlock whose graph depends on `autograd.is_training()`, hybridized once per mode.
+
+    Gluon 1.x traces `hybrid_forward` on the first call and reuses that graph in either mode;
+    a from-scratch batch norm traced in training would keep using batch statistics at
+    inference. This keeps one traced graph per mode (swapping Gluon 1.9's cache attributes);
+    `hybridize()` clears both.
+    """
+
+    _CACHE = ("_cached_graph", "_cached_op", "_cached_op_args", "_in_format", "_out_format")
+
+    def forward(self, x, *args):
+        mode = autograd.is_training()
+        traced = self.__dict__.get("_graph_mode")
+        if traced is not None and traced != mode:
+            graphs = self.__dict__.setdefault("_mode_graphs", {})
+            graphs[traced] = tuple(getattr(self, a) for a in self._CACHE)
+            for a, v in zip(self._CACHE, graphs.pop(mode, ((), None, [], None, None))):
+                object.__setattr__(self, a, v)
+        self.__dict__["_graph_mode"] = mode
+        return super().forward(x, *args)
+
+    def _clear_cached_op(self):
+        super()._clear_cached_op()
+        self.__dict__["_mode_graphs"] = {}
+
+
+class BatchNorm(PerModeGraph):
+    """From-scratch batch-norm layer (`batch_norm` above) for 2-D or NCHW input.
+
+    gamma and beta are trained; `running_mean` / `running_var` are Gluon Parameters with
+    grad_req='null' (saved by `save_parameters`, never trained). `running_var` starts at
+    `initial_running_var`: 0.0 by default, as the source's `moving_var = zeros(shape)`;
+    `gluon.nn.BatchNorm` starts at 1.0 (pass 1.0 to match it).
+
+    Calling the layer returns Y and, in training, writes the new running statistics into those
+    Parameters. Hybridized graphs cannot assign to Parameters, so when a hybridized parent
+    traces this layer it leaves the new statistics in `traced_stats` (two Symbols) for the
+    parent to return as graph outputs and hand back to `set_running_stats` (see
+    `backends.mxnet.lenet.LeNet`).
+    """
+
+    def __init__(self, num_features, num_dims, eps=SOURCE_EPS, momentum=SOURCE_MOMENTUM,
+                 initial_running_var=SOURCE_INITIAL_RUNNING_VAR, unbiased=False, **kwargs):
+        super().__init__(**kwargs)
+        if num_dims not in (2, 4):
+            raise ValueError(f"num_dims must be 2 or 4, got {num_dims!r}")
+        self.num_features, self.num_dims = num_features, num_dims
+        self.eps, self.momentum, self.unbiased = eps, momentum, unbiased
+        self.traced_stats = None
+        shape = (num_features,)
+        with self.name_scope():
+            self.gamma = self.params.get("gamma", shape=shape, init="ones")
+            self.beta = self.params.get("beta", shape=shape, init="zeros")
+            self.running_mean = self.params.get("running_mean", shape=shape, init="zeros",
+                                                grad_req="null", differentiable=False)
+            self.running_var = self.params.get(
+                "running_var", shape=shape, init=mx.init.Constant(initial_running_var),
+                grad_req="null", differentiable=False)
+
+    def hybrid_forward(self, F, X, gamma, beta, running_mean, running_var):
+        training = autograd.is_training()
+        out = batch_norm(X, gamma, beta, running_mean, running_var, self.eps, self.momentum,
+                         training, unbiased=self.unbiased, num_dims=self.num_dims,
+                         num_features=self.num_features)
+        return out if training else out[0]
+
+    def forward(self, x):
+        out = super().forward(x)
+        if not isinstance(out, (list, tuple)):
+            return out
+        y, mean, var = out
+        if isinstance(y, mx.sym.Symbol):
+            self.traced_stats = (mean, var)
+        else:
+            self.set_running_stats(mean, var)
+        return y
+
+    def set_running_stats(self, mean, var):
+        with autograd.pause():
+            self.running_mean.data()[:] = mean
+            self.running_var.data()[:] = var
+
+
+def native_layer(num_features, **kwargs):
+    """`gluon.nn.BatchNorm` (momentum weighs the OLD value; keyword `epsilon`)."""
+    return nn.BatchNorm(in_channels=num_features, **kwargs)
+
+
+def make_layer(impl, num_features, num_dims, *, eps, decay, unbiased):
+    """A fresh layer of `impl` configured from canonical (eps, decay, unbiased)."""
+    if impl == "scratch":
+        return BatchNorm(num_features, num_dims, eps=eps,
+                         momentum=spec.momentum_from_decay(decay, "mxnet-source"),
+                         unbiased=unbiased)
+    if impl == "native":
+        if unbiased:
+            raise UnsupportedSetting(
+                "MXNet's native BatchNorm updates running_var with the biased (÷m) variance on "
+                "CPU (the cuDNN path uses ÷(m-1)); unbiased=True cannot be expressed")
+        return native_layer(num_features, momentum=spec.momentum_from_decay(decay, "mxnet-native"),
+                            epsilon=eps)
+    raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+
+
+def _float_dtype(x):
+    dtype = np.asarray(x).dtype
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"x must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _stats(layer):
+    return {k: getattr(layer, k).data().asnumpy().copy() for k in ("running_mean", "running_var")}
+
+
+def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
+            unbiased=False, impl="scratch") -> dict:
+    """One batch-norm step by `impl` (the scratch layer runs hybridized, as in training)."""
+    validate_inputs(x, gamma, beta, running_mean, running_var, dy, training=training, eps=eps,
+                    decay=decay)
+    dtype = _float_dtype(x)
+    x = np.asarray(x)
+    layer = make_layer(impl, x.shape[1], x.ndim, eps=eps, decay=decay,
+                       unbiased=unbiased and training)
+    layer.initialize()
+    layer.cast(dtype)
+    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                        ("running_var", running_var)):
+        getattr(layer, name).set_data(mx.nd.array(value, dtype=dtype))
+    if impl == "scratch":
+        layer.hybridize()
+    X = mx.nd.array(x, dtype=dtype)
+    X.attach_grad()
+    with autograd.record(train_mode=training):
+        y = layer(X)
+    y.backward(mx.nd.array(dy, dtype=dtype), train_mode=training)  # the default is True
+    out = dict(y=y.asnumpy(), dx=X.grad.asnumpy(), dgamma=layer.gamma.grad().asnumpy(),
+               dbeta=layer.beta.grad().asnumpy(), **_stats(layer))
+    return {k: v.astype(dtype, copy=False) for k, v in out.items()}
+
+
+def operator_defaults() -> dict:
+    """`fix_gamma` and `eps` of the operator-level `nd.BatchNorm` as the installed MXNet applies
+    them, inferred from one inference call with gamma=2, x=1, running mean 0 and variance 1:
+    y = g / sqrt(1 + eps), g = 1 if gamma is fixed."""
+    one = mx.nd.ones((1, 1), dtype="float64")
+    y = mx.nd.BatchNorm(one, 2 * one[0], 0 * one[0], 0 * one[0], one[0]).asnumpy().item()
+    fix_gamma = y < 1.5
+    eps = ((1.0 if fix_gamma else 2.0) / y) ** 2 - 1.0
+    return {"fix_gamma": bool(fix_gamma), "eps": float(f"{eps:.6g}")}
+
+
+def conventions() -> dict:
+    """{impl: convention fields}: scratch from a fresh `BatchNorm`, native from a fresh
+    `gluon.nn.BatchNorm` (defaults as installed); the update timing and variance are this CPU
+    build's (tests/test_mxnet.py checks them by experiment). `momentum_dtype` (beyond the
+    common fields): the precision the momentum is applied in; the native operator's float32
+    parameter cannot express most decays exactly in float64."""
+    scratch = BatchNorm(1, 4)
+    scratch.initialize()
+    native = nn.BatchNorm(in_channels=1)
+    native.initialize()
+    op = operator_defaults()
+    return {
+        "scratch": dict(
+            momentum_weighs=spec.MOMENTUM_WEIGHS["mxnet-source"],
+            default_momentum=scratch.momentum, default_eps=scratch.eps,
+            running_var="unbiased" if scratch.unbiased else "biased", stats_update="forward",
+            layout="NCHW", initial_running_var=float(scratch.running_var.data().asnumpy()[0]),
+            momentum_dtype="float64",
+            notes="the MXNet source's batch_norm: moving = (1-momentum)*moving + momentum*batch, "
+                  "so momentum=0.9 keeps 10% of the old value (canonical decay 0.1); moving_var "
+                  "starts at zeros (native: ones); mode from autograd.is_training(); one "
+                  "implementation for imperative and hybridized use (hybridized, the new "
+                  "statistics are graph outputs that the caller writes back)"),
+        "native": dict(
+            momentum_weighs=spec.MOMENTUM_WEIGHS["mxnet-native"],
+            default_momentum=float(native._kwargs["momentum"]),
+            default_eps=float(native._kwargs["eps"]),
+            running_var="biased", stats_update="backward",
+            layout="NCHW" if native._kwargs["axis"] == 1 else f"axis {native._kwargs['axis']}",
+            initial_running_var=float(native.running_var.data().asnumpy()[0]),
+            momentum_dtype="float32",
+            notes="gluon.nn.BatchNorm: momentum weighs the OLD value; on CPU the running "
+                  "statistics change in the BACKWARD pass (a forward alone, even under "
+                  "autograd.record(), leaves them unchanged) with the biased variance; the "
+                  "cuDNN GPU path updates in forward with the unbiased variance. momentum is a "
+                  "float32 operator parameter (0.9 runs as 0.8999999762). The operator-level "
+                  f"nd/sym.BatchNorm defaults to fix_gamma={op['fix_gamma']} (gamma ignored) "
+                  f"and eps={op['eps']:g}; Gluon passes fix_gamma=False and eps=1e-5"),
+    }
+
+
+def probe(impl, x, *, momentum=None, eps=None) -> dict:
+    """A fresh `impl` layer with its own defaults runs one training step on NCHW float64 `x`
+    with upstream gradient ones; running statistics before, after forward, after backward."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 4:
+        raise ValueError(f"probe takes N×C×H×W input, got shape {x.shape}")
+    kwargs = {}
+    if impl == "scratch":
+        if momentum is not None:
+            kwargs["momentum"] = momentum
+        if eps is not None:
+            kwargs["eps"] = eps
+        layer = BatchNorm(x.shape[1], 4, **kwargs)
+        used = layer.momentum, layer.eps
+    elif impl == "native":
+        if momentum is not None:
+            kwargs["momentum"] = momentum
+        if eps is not None:
+            kwargs["epsilon"] = eps
+        layer = native_layer(x.shape[1], **kwargs)
+        used = layer._kwargs["momentum"], layer._kwargs["eps"]
+    else:
+        raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+    layer.initialize()
+    layer.cast("float64")
+    initial = _stats(layer)
+    X = mx.nd.array(x, dtype="float64")
+    with autograd.record():
+        y = layer(X)
+        y.wait_to_read()
+        after_forward = _stats(layer)
+    y.backward()
+    return {"momentum": float(used[0]), "eps": float(used[1]), "initial": initial,
+            "after_forward": after_forward, "after_backward": _stats(layer), "y": y.asnumpy()}

@@ -1,0 +1,184 @@
+"""LeNet-BN training on the common data (`fit`), training-step throughput (`speed`), device
+selection, numerics switches and framework versions."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+from backends import DeviceUnavailable
+from common import data as common_data
+from common import lenet as canonical
+
+from .lenet import build, load_params
+
+CUDA_BUILDS = ("this MXNet build has no CUDA support (MXNet ships GPU builds as separate wheels "
+               "named after the CUDA version): pip uninstall mxnet && pip install "
+               "mxnet-cu112==1.9.1  (1.9.1 builds exist for CUDA 10.1 to 11.7: mxnet-cu101 ... "
+               "mxnet-cu117; they also need numpy<2)")
+EVAL_BATCH = 1024
+PATH = "hybridized Gluon graph (CachedOp, static_alloc + static_shape), gluon.Trainer SGD"
+
+
+def _num_gpus() -> int:
+    try:
+        return mx.context.num_gpus()
+    except mx.base.MXNetError:  # some builds raise instead of reporting 0 without a driver
+        return 0
+
+
+def context(device):
+    """(mx.Context, description) for device "auto", "cpu" or "gpu"."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+    if device == "cpu":
+        return mx.cpu(), "cpu"
+    if not mx.runtime.Features().is_enabled("CUDA"):
+        if device == "gpu":
+            raise DeviceUnavailable(f"MXNet cannot use a GPU: {CUDA_BUILDS}")
+        return mx.cpu(), "cpu"
+    if _num_gpus() == 0:
+        if device == "gpu":
+            raise DeviceUnavailable("MXNet was built with CUDA but sees no GPU (driver missing "
+                                    "or CUDA_VISIBLE_DEVICES empty)")
+        return mx.cpu(), "cpu"
+    return mx.gpu(0), "gpu(0)"
+
+
+def versions() -> dict[str, str]:
+    return {"mxnet": mx.__version__, "numpy": np.__version__}
+
+
+def exact_numerics() -> None:
+    """No TF32 / tensor-op math in cuDNN and cuBLAS (read when CUDA starts, so call this before
+    the first GPU operation). Nothing to turn off on a CPU build."""
+    os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
+    os.environ["MXNET_CUDA_ALLOW_TENSOR_CORE"] = "0"
+
+
+def _setup(impl, *, device, dtype, lr, eps, decay, params, seed):
+    """(ctx, description, net, step): a hybridized LeNet-BN on the device and one SGD step."""
+    ctx, described = context(device)
+    net = build(impl, eps=eps, decay=decay)
+    load_params(net, canonical.init_params(seed) if params is None else params, dtype, ctx)
+    net.hybridize(static_alloc=True, static_shape=True)
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": lr})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    def step(x, y, size):
+        with autograd.record():
+            logits = net(x)
+            loss = loss_fn(logits, y)
+        loss.backward()
+        trainer.step(size)  # mean over the batch, as lenet_train's mean loss
+        return logits, loss
+
+    return ctx, described, net, step
+
+
+def _warm_up(net, step, x, y):
+    """One untimed step (traces the graph, allocates, sets up the trainer) whose parameter
+    changes are undone; returns its seconds."""
+    saved = {k: p.data().copy() for k, p in net.collect_params().items()}
+    mx.nd.waitall()
+    t0 = time.perf_counter()
+    step(x, y, x.shape[0])
+    mx.nd.waitall()
+    seconds = time.perf_counter() - t0
+    for k, p in net.collect_params().items():
+        p.set_data(saved[k])
+    mx.nd.waitall()
+    return seconds
+
+
+def _accuracy_count(logits, y):
+    return (logits.argmax(axis=1) == y).sum()
+
+
+def _evaluate(net, x, y):
+    correct = mx.nd.zeros((1,), ctx=x.context, dtype=x.dtype)
+    for i in range(0, x.shape[0], EVAL_BATCH):
+        correct += _accuracy_count(net(x[i:i + EVAL_BATCH]), y[i:i + EVAL_BATCH])
+    return float(correct.asscalar()) / x.shape[0]
+
+
+def fit(data, *, impl, epochs, batch_size=canonical.DEFAULT_BATCH_SIZE, lr=canonical.DEFAULT_LR,
+        seed=0, device="auto", dtype="float32", eps=1e-5, decay=0.9, params=None,
+        progress=None) -> dict:
+    """Train LeNet-BN with `impl`'s batch norm on `data` (a `common.data.Dataset`): hybridized,
+    gluon.Trainer SGD on mean cross-entropy, batches from `common.data.batch_indices`, data
+    resident on the device.
+
+    examples_per_s times the training steps only, after one warm-up step whose effect is
+    undone; loss and accuracy accumulate on the device and are read once per epoch.
+    """
+    start = time.perf_counter()
+    ctx, described, net, step = _setup(impl, device=device, dtype=dtype, lr=lr, eps=eps,
+                                       decay=decay, params=params, seed=seed)
+
+    def put(a):
+        return mx.nd.array(a, dtype=dtype, ctx=ctx)
+
+    train_x, train_y = put(data.train_x), put(data.train_y)
+    test_x, test_y = put(data.test_x), put(data.test_y)
+    n = train_x.shape[0]
+    first = mx.nd.arange(min(batch_size, n), ctx=ctx)
+    _warm_up(net, step, train_x[first], train_y[first])
+
+    history, train_seconds = [], 0.0
+    for epoch in range(epochs):
+        batches = [(mx.nd.array(i, ctx=ctx, dtype="int64"), len(i))
+                   for i in common_data.batch_indices(n, batch_size, seed=seed, epoch=epoch)]
+        loss_sum = mx.nd.zeros((1,), ctx=ctx, dtype=dtype)
+        correct = mx.nd.zeros((1,), ctx=ctx, dtype=dtype)
+        mx.nd.waitall()
+        t0 = time.perf_counter()
+        for idx, size in batches:
+            x, y = mx.nd.take(train_x, idx), mx.nd.take(train_y, idx)
+            logits, loss = step(x, y, size)
+            loss_sum += loss.sum()
+            correct += _accuracy_count(logits, y)
+        mx.nd.waitall()
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        row = {"epoch": epoch + 1, "loss": float(loss_sum.asscalar()) / n,
+               "train_acc": float(correct.asscalar()) / n,
+               "test_acc": _evaluate(net, test_x, test_y),
+               "examples_per_s": n / seconds, "seconds": seconds}
+        history.append(row)
+        if progress is not None:
+            progress(f"mxnet/{impl} epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, "
+                     f"train acc {row['train_acc']:.3f}, test acc {row['test_acc']:.3f}, "
+                     f"{row['examples_per_s']:.0f} examples/s on {described}")
+    last = history[-1] if history else dict.fromkeys(("loss", "train_acc", "test_acc"),
+                                                     float("nan"))
+    return {"device": described, "history": history, "final_loss": last["loss"],
+            "train_acc": last["train_acc"], "test_acc": last["test_acc"],
+            "examples_per_s": n * len(history) / train_seconds if train_seconds else 0.0,
+            "wall_s": time.perf_counter() - start}
+
+
+def speed(*, impl, device="auto", batch_size=canonical.DEFAULT_BATCH_SIZE, dtype="float32",
+          steps=50, repeats=5) -> dict:
+    """Training-step throughput of `fit`'s step on seeded synthetic Fashion-MNIST-shaped data
+    resident on the device: the median of `repeats` timed runs of `steps` steps."""
+    ctx, described, net, step = _setup(impl, device=device, dtype=dtype, lr=canonical.DEFAULT_LR,
+                                       eps=1e-5, decay=0.9, params=None, seed=0)
+    rng = np.random.default_rng(0)
+    x = mx.nd.array(rng.random((batch_size, 1, 28, 28)), dtype=dtype, ctx=ctx)
+    y = mx.nd.array(rng.integers(0, 10, batch_size), dtype=dtype, ctx=ctx)
+    compile_s = _warm_up(net, step, x, y)
+    runs = []
+    for _ in range(repeats):
+        mx.nd.waitall()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(x, y, batch_size)
+        mx.nd.waitall()
+        runs.append(steps * batch_size / (time.perf_counter() - t0))
+    return {"examples_per_s": float(np.median(runs)), "runs": runs, "compile_s": compile_s,
+            "device": described, "path": PATH}
