@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="train/speed device: auto = the GPU where a backend can use one")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes: 2 epochs on at most 10,000 training images, 5 trajectory steps, short timings")
-    p.add_argument("--epochs", type=int, help="training epochs (default 10; --quick: 2)")
+                   help="small sizes: 6 epochs on at most 10,000 training images, 5 trajectory steps, short timings")
+    p.add_argument("--epochs", type=int, help="training epochs (default 10; --quick: 6)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch size (default 256)")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the seeds' 1.0)")
     p.add_argument("--steps", type=int, default=None,

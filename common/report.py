@@ -31,6 +31,20 @@ def md_table(headers, rows) -> str:
     return "\n".join([head, sep, *body])
 
 
+def _safe(plot):
+    """A plot that fails (no display, full disk, odd data) is skipped with a note, never fatal."""
+    def wrapper(*args, **kwargs):
+        try:
+            return plot(*args, **kwargs)
+        except Exception as e:
+            import sys
+
+            print(f"plot skipped: {type(e).__name__}: {e}", file=sys.stderr)
+            return None
+    return wrapper
+
+
+@_safe
 def plot_training(runs: dict, path) -> str | None:
     """Loss and test-accuracy curves of every run on one figure; returns the path or None when
     matplotlib is missing or there is nothing to plot."""
@@ -61,6 +75,7 @@ def plot_training(runs: dict, path) -> str | None:
     return str(path)
 
 
+@_safe
 def plot_trajectory(diffs: dict, path, baseline: str) -> str | None:
     """Per-step |loss - baseline loss| of every run (log scale)."""
     if not diffs:

@@ -48,12 +48,33 @@ def _moving(moving, batch_stat, momentum):
 def _channel_mean(X, dims, shape):
     """Per-channel mean over every dim but 1, broadcastable as `shape`.
 
-    On CPU a contiguous N×C×H×W tensor is reduced over H×W first (contiguous, vectorised) and
+    On CPU a contiguous N×C×H×W tensor is summed over H×W first (contiguous, vectorised) and
     then over N: several times faster than one reduction over (0, 2, 3), which walks the
-    strided layout (and torch.var_mean on CPU is slower still). CUDA does one fused reduction."""
+    strided layout (torch.var_mean on CPU is slower still). The 1/m scaling is applied to the
+    C sums, so autograd's backward only broadcasts (mean's backward divides the full tensor).
+    CUDA does one reduction."""
+    m = X.numel() // X.shape[1]
     if X.dim() == 4 and not X.is_cuda and X.is_contiguous():
-        return X.view(X.shape[0], X.shape[1], -1).mean(-1).mean(0).view(shape)
-    return X.mean(dim=dims, keepdim=True)
+        return (X.view(X.shape[0], X.shape[1], -1).sum(-1).sum(0) * (1.0 / m)).view(shape)
+    return X.sum(dim=dims, keepdim=True) * (1.0 / m)
+
+
+def _channel_sq_mean(Xc, dims, shape):
+    """Per-channel mean of Xc², broadcastable as `shape`. On CPU, for contiguous N×C×H×W, the
+    squared norms of the (n, c) rows: no Xc² temporary, and autograd's backward is the one pass
+    Xc * (grad / norm) instead of MulBackward's two products and their sum."""
+    m = Xc.numel() // Xc.shape[1]
+    if Xc.dim() == 4 and not Xc.is_cuda and Xc.is_contiguous():
+        rows = Xc.view(Xc.shape[0], Xc.shape[1], -1)
+        return (torch.linalg.vector_norm(rows, dim=-1).square().sum(0) * (1.0 / m)).view(shape)
+    return (Xc * Xc).sum(dim=dims, keepdim=True) * (1.0 / m)
+
+
+def _channel_sum(t, dims):
+    """Per-channel sum (C,) over `dims`; the spatial dims first on CPU (see _channel_mean)."""
+    if t.dim() == 4 and not t.is_cuda and t.is_contiguous():
+        return t.view(t.shape[0], t.shape[1], -1).sum(-1).sum(0)
+    return t.sum(dim=dims)
 
 
 def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training, unbiased=False):
@@ -66,8 +87,9 @@ def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training,
     The source's formula gamma * (X - mean) / sqrt(var + eps) + beta, with the operations chosen
     so that autograd's backward makes few passes over the activations: multiply by
     rsqrt instead of dividing by sqrt (DivBackward squares and negates the full tensor), gamma
-    folded into the per-channel scale, one addcmul, and X + (-mean) (SubBackward negates the
-    full gradient before reducing it)."""
+    folded into the per-channel scale, means as sums scaled on the C-vector, and X + (-mean)
+    (SubBackward negates the full gradient before reducing it); see also `_channel_mean` and
+    `_channel_sq_mean`."""
     if not training:
         _, shape = _layout(X.dim())
         X_hat = (X - moving_mean.reshape(shape)) / torch.sqrt(moving_var.reshape(shape) + eps)
@@ -83,9 +105,13 @@ def _scratch_train(X, gamma, beta, eps):
     dims, shape = _layout(X.dim())
     mean = _channel_mean(X, dims, shape)
     Xc = X + (-mean)
-    var = _channel_mean(Xc * Xc, dims, shape)
+    var = _channel_sq_mean(Xc, dims, shape)
     scale = gamma.reshape(shape) * torch.rsqrt(var + eps)
-    return torch.addcmul(beta.reshape(shape), Xc, scale), mean.view(-1), var.view(-1)
+    if X.is_cuda:
+        Y = torch.addcmul(beta.reshape(shape), Xc, scale)
+    else:  # see BatchNormFunction: a multiply and an in-place add beat one addcmul on CPU
+        Y = (Xc * scale).add_(beta.reshape(shape))
+    return Y, mean.view(-1), var.view(-1)
 
 
 def source_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
@@ -102,10 +128,11 @@ class BatchNormFunction(torch.autograd.Function):
     forward(x, gamma, beta, eps) -> (y, batch_mean, biased_batch_var); the statistics are
     non-differentiable outputs so the caller can update running statistics in forward.
 
-    Passes over the activations: forward reads x for the mean, writes xc = x - mean, reads it
-    for the variance and writes y = beta + xc * (gamma / sigma); backward reads dy for dbeta,
-    dy and xc for dgamma, and writes dx in two fused multiply-adds. x_hat is never stored (xc
-    and 1/sigma are), which saves a pass each way."""
+    x_hat is never stored: xc = x - mean and 1/sigma are, which saves a pass each way. On CPU
+    the variance is the squared norm of each (n, c) row of xc (no temporary), and a
+    multiply-add with two broadcast operands is split into a multiply and an in-place add
+    (TensorIterator's broadcast multiply-add is slower than the two); on CUDA, where eager
+    speed is kernel launches, the fused forms are kept."""
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps):
@@ -117,10 +144,13 @@ class BatchNormFunction(torch.autograd.Function):
         else:
             mean = _channel_mean(x, dims, shape).view(-1)
             xc = x - mean.view(shape)
-            var = _channel_mean(xc * xc, dims, shape).view(-1)
+            var = _channel_sq_mean(xc, dims, shape).view(-1)
         inv_std = torch.rsqrt(var + eps)
         scale = gamma * inv_std
-        y = torch.addcmul(beta.view(shape), xc, scale.view(shape))
+        if x.is_cuda:
+            y = torch.addcmul(beta.view(shape), xc, scale.view(shape))
+        else:
+            y = (xc * scale.view(shape)).add_(beta.view(shape))
         ctx.m = m
         ctx.save_for_backward(xc, inv_std, scale)
         ctx.mark_non_differentiable(mean, var)
@@ -131,20 +161,15 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar):
         xc, inv_std, scale = ctx.saved_tensors
         dims, shape = _layout(xc.dim())
-        m = ctx.m
-        if xc.dim() == 4 and not xc.is_cuda and xc.is_contiguous() and dy.is_contiguous():
-            n, c = xc.shape[:2]
-            dbeta = dy.view(n, c, -1).sum(-1).sum(0)
-            dgamma = (dy * xc).view(n, c, -1).sum(-1).sum(0).mul_(inv_std)
-        else:
-            dbeta = dy.sum(dim=dims)
-            dgamma = (dy * xc).sum(dim=dims).mul_(inv_std)
+        dbeta = _channel_sum(dy, dims)
+        dgamma = _channel_sum(dy * xc, dims).mul_(inv_std)
         dx = None
         if ctx.needs_input_grad[0]:
             # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)), x_hat = xc * inv_std,
             # as scale * dy + k * xc + b with per-channel k and b
-            s_m = scale * (-1.0 / m)
-            dx = torch.addcmul((s_m * dbeta).view(shape), xc, (s_m * inv_std * dgamma).view(shape))
+            s_m = scale * (-1.0 / ctx.m)
+            k, b = (s_m * inv_std * dgamma).view(shape), (s_m * dbeta).view(shape)
+            dx = torch.addcmul(b, xc, k) if xc.is_cuda else (xc * k).add_(b)
             dx.addcmul_(dy, scale.view(shape))
         return dx, dgamma, dbeta, None
 
