@@ -611,7 +611,7 @@ SOURCE_BASELINES = {  # examples/s of the sources' own code on the 2-core CPU, b
 def run_speed(ctx: Context) -> dict:
     quick = ctx.args.quick
     cfg = dict(device=ctx.args.device, batch_size=ctx.args.batch_size, dtype=ctx.args.dtype or "float32",
-               steps=10 if quick else 50, repeats=3 if quick else 5)
+               steps=50, repeats=3 if quick else 5)
     runs = {}
     for name in ctx.live():
         log(f"[{name}] speed on {cfg['device']} ...")
@@ -625,7 +625,7 @@ def run_speed(ctx: Context) -> dict:
     for key, r in runs.items():
         name, _, impl = key.partition("/")
         if "error" in r:
-            rows.append([key, "", "error: " + r["error"], "", "", "", "", ""])
+            rows.append([key, "", "error: " + r["error"], "", "", "", "", "", "", ""])
             continue
         native = runs.get(f"{name}/native", {})
         ratio = native["examples_per_s"] / r["examples_per_s"] if "examples_per_s" in native else None
@@ -634,17 +634,23 @@ def run_speed(ctx: Context) -> dict:
         vs_native = r["examples_per_s"] / base["native"] if cpu and "native" in base else None
         vs_scratch = (r["examples_per_s"] / base["scratch"]
                       if cpu and impl.startswith("scratch") and "scratch" in base else None)
+        eager = r.get("eager_examples_per_s")
+        eager_ratio = (native["eager_examples_per_s"] / eager
+                       if eager and native.get("eager_examples_per_s") else None)
         rows.append([key, r["device"], r.get("path", ""), round(r["examples_per_s"]), r.get("compile_s"),
-                     ratio, vs_native, vs_scratch])
-    rows += [[n, "", "unavailable", "", "", "", "", ""] for n in ctx.backends if not ctx.info(n)["available"]]
+                     ratio, round(eager) if eager else None, eager_ratio, vs_native, vs_scratch])
+    rows += [[n, "", "unavailable", "", "", "", "", "", "", ""] for n in ctx.backends
+             if not ctx.info(n)["available"]]
     md = ["## Speed: training-step throughput", "",
           f"Batch {cfg['batch_size']}, {cfg['dtype']}, device `{cfg['device']}`; median of {cfg['repeats']} "
           f"timed runs of {cfg['steps']} steps after warm-up, with device synchronisation. "
-          "step time / native is the ratio measured in this run (1.0 = as fast as native). "
+          "step time / native is the ratio measured in this run (1.0 = as fast as native); the eager "
+          "columns time the uncompiled path where the fast one is compiled (PyTorch on CUDA). "
           "× source native / × source scratch: speed over the seeds' own code measured on the 2-core CPU "
           "(PyTorch 9.2k / 5.9k, MXNet 4.5k / 0.8k, Flax native 6.2k examples/s; CPU rows only).", "",
           report.md_table(["run", "device", "path", "examples/s", "compile s", "step time / native",
-                           "× source native", "× source scratch"], rows)]
+                           "eager examples/s", "eager step time / native", "× source native",
+                           "× source scratch"], rows)]
     payload = {"config": cfg, "runs": runs, "source_baselines": SOURCE_BASELINES}
     ctx.save("speed", payload, "\n".join(md))
     return payload

@@ -19,14 +19,9 @@ from common import data as cdata
 from common import lenet as clenet
 from common import reference as ref
 from common import spec
-from conftest import REPO, REQUIRED
+from conftest import REPO, load_backend
 
-try:
-    mxb = backends.load("mxnet")
-except backends.BackendUnavailable as e:
-    if "mxnet" in REQUIRED:
-        raise
-    pytest.skip(str(e), allow_module_level=True)
+mxb = load_backend("mxnet")  # fails, or skips with the reason if allowed (conftest)
 
 import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon  # noqa: E402

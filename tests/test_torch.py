@@ -6,15 +6,17 @@ code under test."""
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import load_backend
 
-from backends import DeviceUnavailable, UnsupportedSetting, load  # noqa: E402
+tb = load_backend("torch")  # fails, or skips with the reason if allowed (conftest)
+import torch  # noqa: E402
+
+from backends import DeviceUnavailable, UnsupportedSetting  # noqa: E402
 from common import data as cdata  # noqa: E402
 from common import lenet as clenet  # noqa: E402
 from common import reference as ref  # noqa: E402
 from common import spec  # noqa: E402
 
-tb = load("torch")
 from backends.torch import bn as tbn  # noqa: E402
 
 SHAPES = [(16, 5), (6, 4, 5, 3)]
@@ -297,11 +299,12 @@ def test_cuda_speed_paths_train_like_lenet_train(sample, impl, dtype, path):
 
 
 def test_speed_reports_the_contract_fields():
+    benchmark = torch.backends.cudnn.benchmark
     r = tb.speed(impl="scratch-analytic", device="cpu", batch_size=32, steps=2, repeats=2)
     assert set(r) >= {"examples_per_s", "runs", "compile_s", "device", "path"}
     assert r["device"] == "cpu" and r["path"] == "eager" and len(r["runs"]) == 2
     assert r["examples_per_s"] > 0 and r["compile_s"] >= 0
-    assert torch.backends.cudnn.benchmark is False  # restored
+    assert torch.backends.cudnn.benchmark is benchmark  # restored
     with pytest.raises(ValueError, match="path"):
         tb.speed(impl="native", device="cpu", path="fastest")
     with pytest.raises(ValueError, match="steps"):

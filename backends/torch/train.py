@@ -254,8 +254,9 @@ def speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, rep
 
     Synthetic Fashion-MNIST-shaped data (seeded NumPy, pixels in [0, 1), SPEED_BATCHES batches)
     lives on the device. `path`: "auto" is "compile" (torch.compile + CUDA graph) on CUDA
-    and "eager" on CPU, where torch.compile costs a minute of C++ compilation per impl for a gain
-    the measurements did not show; "eager", "cuda-graph" or "compile" ask for one. On CUDA the
+    and "eager" on CPU, where torch.compile (7-30 s of C++ compilation per impl on 2 cores) gave
+    no reliable gain (native and scratch-analytic within noise of eager, scratch at most ~10%);
+    "eager", "cuda-graph" or "compile" ask for one. On CUDA the
     eager path is timed as well and reported as "eager_examples_per_s" (and in "note"), and a
     failing torch.compile falls back to the CUDA graph of the eager step (said in "note").
     compile_s is the setup: data upload, compilation or capture, and the warm-up steps."""
