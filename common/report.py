@@ -97,3 +97,10 @@ def plot_trajectory(diffs: dict, path, baseline: str) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def epoch_line(row: dict, epochs: int, device: str) -> str:
+    """One progress line per training epoch, the same for every backend (compare.py prefixes the
+    backend/impl)."""
+    return (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, train acc {row['train_acc']:.3f}, "
+            f"test acc {row['test_acc']:.3f}, {row['examples_per_s']:,.0f} examples/s on {device}")

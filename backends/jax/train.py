@@ -25,6 +25,7 @@ from backends.jax.bn import check_dtype, check_impl, x64_mode
 from backends.jax.lenet import build, make_train_step, nchw_to_nhwc, select_device, to_flax
 from common import data as cdata
 from common import lenet as canon
+from common.report import epoch_line
 
 EVAL_CHUNK = 1024
 
@@ -160,9 +161,7 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
                    "test_acc": int(n_test_ok) / max(1, len(data.test_x)),
                    "examples_per_s": n / seconds, "seconds": seconds}
             history.append(row)
-            say(f"[jax/{impl} {device_name}] epoch {row['epoch']}: loss {row['loss']:.4f}, "
-                f"train acc {row['train_acc']:.3f}, test acc {row['test_acc']:.3f}, "
-                f"{row['examples_per_s']:.0f} examples/s")
+            say(epoch_line(row, epochs, device_name))
 
     last = history[-1] if history else {"loss": float("nan"), "train_acc": float("nan"),
                                         "test_acc": float("nan")}

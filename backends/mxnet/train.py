@@ -13,6 +13,7 @@ from mxnet import autograd, gluon
 from backends import DeviceUnavailable
 from common import data as common_data
 from common import lenet as canonical
+from common.report import epoch_line
 
 from .lenet import build, load_params
 
@@ -151,9 +152,7 @@ def fit(data, *, impl, epochs, batch_size=canonical.DEFAULT_BATCH_SIZE, lr=canon
                "examples_per_s": n / seconds, "seconds": seconds}
         history.append(row)
         if progress is not None:
-            progress(f"mxnet/{impl} epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, "
-                     f"train acc {row['train_acc']:.3f}, test acc {row['test_acc']:.3f}, "
-                     f"{row['examples_per_s']:.0f} examples/s on {described}")
+            progress(epoch_line(row, epochs, described))
     last = history[-1] if history else dict.fromkeys(("loss", "train_acc", "test_acc"),
                                                      float("nan"))
     return {"device": described, "history": history, "final_loss": last["loss"],

@@ -16,6 +16,7 @@ import torch
 from backends import DeviceUnavailable
 from common import lenet as canon
 from common.data import batch_indices
+from common.report import epoch_line
 
 from .bn import check_impl
 from .lenet import build_lenet, sgd_step, torch_dtype
@@ -138,9 +139,7 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
                    examples_per_s=n / seconds, seconds=seconds)
         history.append(row)
         if progress is not None:
-            progress(f"torch/{impl} epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, "
-                     f"train acc {row['train_acc']:.3f}, test acc {row['test_acc']:.3f}, "
-                     f"{row['examples_per_s']:,.0f} examples/s on {desc}")
+            progress(epoch_line(row, epochs, desc))
     last = history[-1]
     return dict(device=desc, history=history, final_loss=last["loss"],
                 train_acc=last["train_acc"], test_acc=last["test_acc"],
