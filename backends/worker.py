@@ -8,6 +8,7 @@ away from another's numbers. Progress goes to stderr, one line at a time.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 import traceback
@@ -51,10 +52,23 @@ def task_bn(b, args):
     impl's own running-variance convention and labelled."""
     _exact(b)
 
+    accepted = inspect.signature(b.bn_step).parameters
+
     def run(impl):
         results = []
         for case in args["cases"]:
             kw = dict(training=case["training"], eps=case["eps"], decay=case["decay"], impl=impl)
+            options = case.get("options") or {}
+            if options:  # a framework-specific default, run only where the impl has it
+                if not set(options) <= set(accepted):
+                    results.append({"skipped": "option not offered by this backend"})
+                    continue
+                try:
+                    results.append({"out": b.bn_step(**case["inputs"], unbiased=case["unbiased"],
+                                                     **kw, **options)})
+                except backends.UnsupportedSetting as e:
+                    results.append({"skipped": str(e)})
+                continue
             try:
                 results.append({"out": b.bn_step(**case["inputs"], unbiased=case["unbiased"], **kw)})
             except backends.UnsupportedSetting as e:

@@ -28,6 +28,7 @@ ORDER = ("agreement", "conventions", "trajectory", "train", "speed")
 SHAPES = {"2-D": (64, 16), "4-D": (16, 6, 8, 8), "2-D small batch": (2, 8), "4-D small batch": (2, 3, 3, 3)}
 SETTINGS = ((0.9, 1e-5), (0.1, 1e-3))  # (decay, eps)
 TRAJECTORY_DECAY = 0.9
+LARGE_MEAN = 1e4
 
 
 class UsageError(Exception):
@@ -171,6 +172,18 @@ def agreement_cases(seed: int, dtypes):
         cases.append(dict(dtype=dtype, shape=shape_name, decay=0.9, eps=1e-5, training=True, unbiased=True))
     for i, c in enumerate(cases):
         c["inputs"] = random_case(SHAPES[c["shape"]], seed=seed * 1000 + i, dtype=np.dtype(c["dtype"]))
+    if "float64" in dtypes:
+        # Large mean, small spread: the two-pass variance is exact to ~1e-12 here, while Flax's
+        # default E[x²] − E[x]² cancels two numbers near 1e8 (error ~eps·mean² ≈ 2e-8).
+        large = random_case(SHAPES["4-D"], seed=seed * 1000 + len(cases), mean=LARGE_MEAN)
+        # Centring values near 1e4 that differ by ~1 loses log10(1e4) digits in ANY float64
+        # implementation (the reference too): the tolerance for this case is 100× (1e-8), still
+        # ~300× below the fast-variance gap.
+        base = dict(dtype="float64", shape="4-D", decay=0.9, eps=1e-5, training=True, unbiased=False,
+                    inputs=large, mean=LARGE_MEAN, tolerance_scale=100.0)
+        cases.append(dict(base))
+        cases.append(dict(base, options={"fast_variance": True},
+                          label="Flax default fast variance E[x²]−E[x]²"))
     return cases
 
 
@@ -202,8 +215,16 @@ def run_agreement(ctx: Context, inject=None) -> dict:
                 for i, (c, ref, res) in enumerate(zip(cases, refs, per_case)):
                     if c["dtype"] != dtype:
                         continue
+                    if "skipped" in res:
+                        continue
                     if "error" in res:
                         errors.append(f"{c['shape']} training={c['training']}: {res['error']}")
+                        continue
+                    if c.get("options"):  # a framework default the reference does not follow
+                        gap = max(error(res["out"][q], ref[q])[0] for q in RESULT_KEYS)
+                        conventions_seen.append(dict(backend=name, impl=impl, dtype=dtype, shape=c["shape"],
+                                                     convention=c["label"] + f" (input mean {c['mean']:g})",
+                                                     running_stats_gap=gap, quantity="all outputs"))
                         continue
                     expected, labels = ref, []
                     unbiased = c["unbiased"]
@@ -223,13 +244,15 @@ def run_agreement(ctx: Context, inject=None) -> dict:
                         gap = max(error(res["out"][q], ref[q])[0] for q in ("running_mean", "running_var"))
                         conventions_seen.append(dict(backend=name, impl=impl, dtype=dtype, shape=c["shape"],
                                                      convention="; ".join(labels), running_stats_gap=gap))
-                    outputs.setdefault((name, impl, dtype), {})[i] = (res["out"], bool(labels))
+                    outputs.setdefault((name, impl, dtype), {})[i] = (res["out"], bool(labels),
+                                                                      c.get("tolerance_scale", 1.0))
                     for k in RESULT_KEYS:
                         a, rel = error(res["out"][k], expected[k])
-                        ok = within_tolerance(res["out"][k], expected[k], dtype) and \
+                        ok = within_tolerance(res["out"][k], expected[k], dtype, c.get("tolerance_scale", 1.0)) and \
                             np.asarray(res["out"][k]).dtype == np.dtype(dtype)
-                        cell[k]["abs"] = max(cell[k]["abs"], a)
-                        cell[k]["rel"] = max(cell[k]["rel"], rel)
+                        scale = c.get("tolerance_scale", 1.0)  # shown in tolerance units
+                        cell[k]["abs"] = max(cell[k]["abs"], a / scale)
+                        cell[k]["rel"] = max(cell[k]["rel"], rel / scale)
                         cell[k]["pass"] &= bool(ok)
                 ok = all(v["pass"] for v in cell.values()) and not errors
                 table.append({"backend": name, "impl": impl, "dtype": dtype, "errors": cell,
@@ -256,11 +279,11 @@ def pairwise_agreement(outputs, dtypes):
         for ka, kb in itertools.combinations(keys, 2):
             worst = 0.0
             for i in outputs[ka].keys() & outputs[kb].keys():
-                (oa, conv_a), (ob, conv_b) = outputs[ka][i], outputs[kb][i]
+                (oa, conv_a, scale), (ob, conv_b, _) = outputs[ka][i], outputs[kb][i]
                 for k in RESULT_KEYS:
                     if k.startswith("running") and (conv_a or conv_b):
                         continue
-                    worst = max(worst, error(oa[k], ob[k])[0 if dtype == "float64" else 1])
+                    worst = max(worst, error(oa[k], ob[k])[0 if dtype == "float64" else 1] / scale)
             rows.append({"a": "/".join(ka[:2]), "b": "/".join(kb[:2]), "dtype": dtype,
                          "max_diff": worst, "pass": worst <= 2 * TOLERANCE[dtype]})
     return rows
@@ -269,7 +292,9 @@ def pairwise_agreement(outputs, dtypes):
 def agreement_markdown(ctx, table, pairwise, conventions_seen, n_cases) -> str:
     lines = ["## Agreement: batch_norm vs the float64 reference", "",
              f"{n_cases} seeded cases (shapes {', '.join(f'{k} {v}' for k, v in SHAPES.items())}; "
-             f"decay/eps {SETTINGS}; training and inference; biased and unbiased running variance). "
+             f"decay/eps {SETTINGS}; training and inference; biased and unbiased running variance; "
+             f"float64 4-D with mean {LARGE_MEAN:g}, std 1, held to a 100× looser tolerance because "
+             "centring it loses 4 digits in any float64 implementation; its errors count at 1/100). "
              "Each cell: max abs error over the cases (float64) or max error relative to max(1, |ref|) "
              f"(float32), {report.PASS} within tolerance (float64 ≤ {TOLERANCE['float64']:g} abs, "
              f"float32 ≤ {TOLERANCE['float32']:g} rel), {report.FAIL} outside it.", ""]
@@ -293,11 +318,11 @@ def agreement_markdown(ctx, table, pairwise, conventions_seen, n_cases) -> str:
         for c in conventions_seen:
             key = (c["backend"], c["impl"], c["dtype"], c["convention"])
             seen[key] = max(seen.get(key, 0.0), c["running_stats_gap"])
-        lines.append(report.md_table(["backend", "impl", "dtype", "convention", "running-stats gap to requested"],
+        lines.append(report.md_table(["backend", "impl", "dtype", "convention", "gap to the reference"],
                                      [[*k, v] for k, v in seen.items()]))
     if pairwise:
         lines += ["", "**Pairwise across backends**: max difference between two impls over every case "
-                  "and quantity (float64 abs, float32 relative), "
+                  "and quantity (float64 abs, float32 relative; the large-mean case counts at 1/100), "
                   f"{report.PASS} within 2× the tolerance.", ""]
         for dtype in dict.fromkeys(p["dtype"] for p in pairwise):
             cells = {(p["a"], p["b"]): p for p in pairwise if p["dtype"] == dtype}

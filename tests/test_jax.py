@@ -24,7 +24,7 @@ import backends  # noqa: E402
 from backends.jax import bn as jbn  # noqa: E402
 from backends.jax import lenet as jlenet  # noqa: E402
 from common import data, lenet  # noqa: E402
-from common.reference import bn_step as reference_step  # noqa: E402
+from common.reference import bn_step as reference_step, random_case  # noqa: E402
 from common.spec import decay_from_momentum  # noqa: E402
 
 
@@ -333,3 +333,14 @@ def test_speed_reports_timed_runs_after_a_warm_up():
     assert len(r["runs"]) == 3 and all(v > 0 for v in r["runs"])
     assert r["examples_per_s"] == sorted(r["runs"])[1]  # the median
     assert r["device"] and r["path"] and r["compile_s"] > 0
+
+
+def test_bn_step_fast_variance_is_flax_natives_default_only():
+    case = random_case((8, 3, 4, 4), seed=3, mean=1e4)
+    with pytest.raises(backends.UnsupportedSetting, match="native"):
+        jb.bn_step(**case, training=True, impl="scratch", fast_variance=True)
+    ref = reference_step(**case, training=True)
+    fast = jb.bn_step(**case, training=True, impl="native", fast_variance=True)
+    two_pass = jb.bn_step(**case, training=True, impl="native")
+    assert np.abs(fast["running_var"] - ref["running_var"]).max() > 1e-10
+    assert np.abs(two_pass["running_var"] - ref["running_var"]).max() <= 1e-12

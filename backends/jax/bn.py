@@ -233,16 +233,19 @@ def layer_step(layer, impl, x, variables, dy, *, training):
 
 
 def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
-            unbiased=False, impl="scratch") -> dict:
+            unbiased=False, impl="scratch", fast_variance=False) -> dict:
     """The contract's bn_step (see backends/__init__.py): NCHW NumPy in and out, computed
-    channels-last by `impl` in the input's dtype."""
+    channels-last by `impl` in the input's dtype. `fast_variance=True` (native only) keeps Flax's
+    default E[x²]−E[x]² variance instead of the two-pass one the adapter otherwise uses."""
     validate_inputs(x, gamma, beta, running_mean, running_var, dy,
                     training=training, eps=eps, decay=decay)
     check_impl(impl)
+    if fast_variance and (impl != "native" or not has_fast_variance_option()):
+        raise UnsupportedSetting(f"fast_variance applies to Flax's native BatchNorm only (impl {impl!r})")
     dtype = check_dtype(np.asarray(x).dtype)
     # Inference updates no running variance, so the estimator setting matters only in training.
     layer = make_layer(impl, momentum=momentum_from_decay(decay, CONVENTION[impl]), eps=eps,
-                       unbiased=bool(unbiased and training))
+                       unbiased=bool(unbiased and training), fast_variance=bool(fast_variance))
     host = [np.asarray(a, dtype=dtype) for a in (x, gamma, beta, running_mean, running_var, dy)]
     x, gamma, beta, running_mean, running_var, dy = host
     with x64_mode(dtype):
