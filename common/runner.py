@@ -606,6 +606,7 @@ def run_train(ctx: Context) -> dict:
     rows = []
     for key, r in runs.items():
         if "error" in r:
+            ctx.failures.append(f"train: {key}: {r['error'][:120]}")
             rows.append([key, "", "error: " + r["error"], "", "", "", "", ""])
             continue
         rows.append([key, r["device"], r["final_loss"], r["train_acc"], r["test_acc"], round(r["examples_per_s"]),
@@ -650,6 +651,7 @@ def run_speed(ctx: Context) -> dict:
     for key, r in runs.items():
         name, _, impl = key.partition("/")
         if "error" in r:
+            ctx.failures.append(f"speed: {key}: {r['error'][:120]}")
             rows.append([key, "", "error: " + r["error"], "", "", "", "", "", "", ""])
             continue
         native = runs.get(f"{name}/native", {})

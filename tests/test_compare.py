@@ -134,3 +134,15 @@ def test_agreement_catches_a_backend_told_the_wrong_momentum_meaning(monkeypatch
     assert verdict[("native", "float64")]["errors"]["y"]["pass"]  # outputs are unaffected
     assert verdict[("scratch", "float64")]["pass"]
     assert any("torch/native" in f for f in ctx.failures)
+
+
+def test_gpu_request_on_a_machine_without_one_says_so_per_backend(tmp_path, sample_dir):
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True)
+    if probe.stdout.strip() == "True":
+        pytest.skip("a CUDA GPU is usable here")
+    proc = _compare("train", "--device", "gpu", "--quick", "--epochs", "1", "--backends", "torch",
+                    "--data", sample_dir, "--out", tmp_path)
+    runs = json.loads((tmp_path / "results.json").read_text())["reports"]["train"]["runs"]
+    assert runs and all("DeviceUnavailable" in r["error"] and "CPU-only" in r["error"] for r in runs.values())
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
