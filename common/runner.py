@@ -106,7 +106,11 @@ class Context:
             code = proc.wait()
             if code != 0 or not os.path.exists(dst + ".json"):
                 return {"failed": f"{name} child exited with code {code}: " + " | ".join(tail[-6:])}
-            return io.load(dst)
+            out = io.load(dst)
+            result = out.get("result")
+            if isinstance(result, dict) and "failed" in result:  # the task crashed as a whole
+                return {"failed": f"{name} {task}: {result['failed']}"}
+            return out
 
     def info(self, name: str) -> dict:
         """Versions, impls and claimed conventions of a backend (cached); records availability."""
@@ -158,6 +162,21 @@ class Context:
         lines += [report.md_table(["backend", "available", "versions"], rows), ""]
         lines += [self.markdown[k] + "\n" for k in ORDER if k in self.markdown]
         return "\n".join(lines)
+
+
+def per_impl(ctx: Context, task: str, args: dict, what: str) -> dict:
+    """Run `task` in each live backend's child; results keyed "backend/impl" (a backend whose
+    child failed as a whole becomes one "backend" entry with the error)."""
+    runs = {}
+    for name in ctx.live():
+        log(f"[{name}] {what} ...")
+        r = ctx.call(name, task, {**args, "backend": name})
+        if "result" not in r:
+            runs[name] = {"error": r.get("failed") or r.get("unavailable")}
+            continue
+        for impl, res in r["result"].items():
+            runs[f"{name}/{impl}"] = res
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,16 +515,9 @@ def run_trajectory(ctx: Context) -> dict:
         return payload
     for dtype in ctx.dtypes:
         xs, ys = batches[dtype]
-        runs = {}
-        for name in ctx.live():
-            log(f"[{name}] trajectory: {steps} steps, {dtype}")
-            r = ctx.call(name, "trajectory", {"params": params, "xs": xs, "ys": ys, "lr": lr,
-                                                 "decay": TRAJECTORY_DECAY, "dtype": dtype})
-            if "result" not in r:
-                runs[name] = {"error": r.get("failed")}
-                continue
-            for impl, res in r["result"].items():
-                runs[f"{name}/{impl}"] = res
+        runs = per_impl(ctx, "trajectory", {"params": params, "xs": xs, "ys": ys, "lr": lr,
+                                             "decay": TRAJECTORY_DECAY, "dtype": dtype},
+                        f"trajectory: {steps} steps, {dtype}")
         payload["dtypes"][dtype] = summarise_trajectory(ctx, runs, dtype)
         md.append(trajectory_markdown(ctx, payload["dtypes"][dtype], dtype))
     ctx.save("trajectory", payload, "\n".join(md))
@@ -594,15 +606,7 @@ def run_train(ctx: Context) -> dict:
     md += [f"{ds.describe()}; {cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD lr {cfg['lr']}, "
            f"{cfg['dtype']}, device `{cfg['device']}`. examples/s counts training steps only; wall time "
            "includes evaluation and compilation.", ""]
-    runs = {}
-    for name in ctx.live():
-        log(f"[{name}] training {len(ctx.info(name)['impls'])} impls on {cfg['device']} ...")
-        r = ctx.call(name, "train", {**cfg, "backend": name})
-        if "result" not in r:
-            runs[name] = {"error": r.get("failed")}
-            continue
-        for impl, res in r["result"].items():
-            runs[f"{name}/{impl}"] = res
+    runs = per_impl(ctx, "train", cfg, f"training on {cfg['device']}")
     rows = []
     for key, r in runs.items():
         if "error" in r:
@@ -638,15 +642,7 @@ def run_speed(ctx: Context) -> dict:
     quick = ctx.args.quick
     cfg = dict(device=ctx.args.device, batch_size=ctx.args.batch_size, dtype=ctx.args.dtype or "float32",
                steps=50, repeats=3 if quick else 5)
-    runs = {}
-    for name in ctx.live():
-        log(f"[{name}] speed on {cfg['device']} ...")
-        r = ctx.call(name, "speed", {**cfg, "backend": name})
-        if "result" not in r:
-            runs[name] = {"error": r.get("failed")}
-            continue
-        for impl, res in r["result"].items():
-            runs[f"{name}/{impl}"] = res
+    runs = per_impl(ctx, "speed", cfg, f"speed on {cfg['device']}")
     rows = []
     for key, r in runs.items():
         name, _, impl = key.partition("/")
