@@ -25,7 +25,7 @@ def fmt(v, digits=3) -> str:
 def md_table(headers, rows) -> str:
     """A GitHub-flavoured Markdown table; cells are formatted with fmt()."""
     cells = [[fmt(c) for c in row] for row in rows]
-    head = "| " + " | ".join(headers) + " |"
+    head = "| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |"
     sep = "|" + "|".join("---" for _ in headers) + "|"
     body = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     return "\n".join([head, sep, *body])
