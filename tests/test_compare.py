@@ -146,3 +146,13 @@ def test_gpu_request_on_a_machine_without_one_says_so_per_backend(tmp_path, samp
     runs = json.loads((tmp_path / "results.json").read_text())["reports"]["train"]["runs"]
     assert runs and all("DeviceUnavailable" in r["error"] and "CPU-only" in r["error"] for r in runs.values())
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+
+
+def test_python_option_runs_a_backend_under_the_named_interpreter(tmp_path):
+    proc = _compare("conventions", "--backends", "torch", "--python", f"torch={sys.executable}",
+                    "--out", tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert res["backends"]["torch"]["python"] == sys.executable
+    assert any(r["row"] == "torch/native" and all(c["agrees"] for c in r["check"].values())
+               for r in res["reports"]["conventions"]["rows"])
