@@ -56,12 +56,15 @@ def plot_training(runs: dict, path) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, hist in curves.items():
         epochs = [h["epoch"] for h in hist]
         style = "--" if "native" in label else "-"
+        ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_loss.plot(epochs, [h["loss"] for h in hist], style, marker="o", ms=3, label=label)
         ax_acc.plot(epochs, [h["test_acc"] for h in hist], style, marker="o", ms=3, label=label)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="LeNet-BN training loss")
@@ -90,7 +93,11 @@ def plot_trajectory(diffs: dict, path, baseline: str) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, d in diffs.items():
         ax.semilogy(range(1, len(d) + 1), [max(v, 1e-18) for v in d], marker="o", ms=3, label=label)
-    ax.set(xlabel="SGD step", ylabel=f"|loss − {baseline} loss|", title="LeNet-BN trajectory agreement")
+    ax.set(xlabel="SGD step", ylabel=f"|loss − {baseline} loss|",
+           title="LeNet-BN trajectory agreement (exact 0 drawn at 1e-18)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
