@@ -206,8 +206,7 @@ def agreement_cases(seed: int, dtypes):
     return cases
 
 
-def run_agreement(ctx: Context, inject=None) -> dict:
-    """`inject(name, result)` lets a test corrupt a backend's raw result before it is checked."""
+def run_agreement(ctx: Context) -> dict:
     cases = agreement_cases(ctx.args.seed, ctx.dtypes)
     refs = [bn_step(**c["inputs"], training=c["training"], eps=c["eps"], decay=c["decay"],
                     unbiased=c["unbiased"]) for c in cases]
@@ -215,10 +214,8 @@ def run_agreement(ctx: Context, inject=None) -> dict:
     for name in ctx.live():
         log(f"[{name}] agreement: {len(cases)} cases × {len(ctx.info(name)['impls'])} impls")
         r = ctx.call(name, "bn", {"cases": cases, "impls": ctx.info(name)["impls"]})
-        if inject:
-            r = inject(name, r)
         raw[name] = r
-    rows, table, conventions_seen, outputs = [], [], [], {}
+    table, conventions_seen, outputs = [], [], {}
     for name, r in raw.items():
         if "result" not in r:
             table.append({"backend": name, "error": r.get("failed") or r.get("unavailable")})
@@ -356,12 +353,10 @@ def agreement_markdown(ctx, table, pairwise, conventions_seen, n_cases) -> str:
 # ---------------------------------------------------------------------------------------------
 # conventions
 def run_conventions(ctx: Context) -> dict:
-    rows, checks = [], []
-    probes = {}
+    rows = []
     for name in ctx.live():
         log(f"[{name}] conventions: probing every impl")
         r = ctx.call(name, "probe", {})
-        probes[name] = r
         if "result" not in r:
             rows.append({"row": name, "error": r.get("failed") or r.get("unavailable")})
             continue

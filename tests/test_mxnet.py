@@ -13,7 +13,6 @@ import textwrap
 import numpy as np
 import pytest
 
-import backends
 from backends import DeviceUnavailable, UnsupportedSetting
 from common import data as cdata
 from common import lenet as clenet

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends import UnsupportedSetting
-from common.reference import validate_inputs
+from common.reference import float_dtype as check_dtype, validate_inputs
 from common.spec import OLD, momentum_from_decay
 
 IMPLS = ("scratch", "native")
@@ -43,17 +43,6 @@ def check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(
             f"unknown impl {impl!r} for the jax backend; choose from {', '.join(IMPLS)}")
-
-
-def check_dtype(dtype) -> np.dtype:
-    """np.float32 or np.float64 from a dtype-like ("float32", np.float64, ...); else ValueError."""
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    return dt
 
 
 def x64_enabled() -> bool:

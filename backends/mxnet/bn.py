@@ -21,7 +21,7 @@ from mxnet.gluon import nn
 
 from backends import UnsupportedSetting
 from common import spec
-from common.reference import validate_inputs
+from common.reference import float_dtype, validate_inputs
 
 IMPLS = ("scratch", "native")
 
@@ -239,13 +239,6 @@ def make_layer(impl, num_features, num_dims, *, eps, decay, unbiased):
     raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
 
 
-def _float_dtype(x):
-    dtype = np.asarray(x).dtype
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"x must be float32 or float64, got {dtype}")
-    return dtype
-
-
 def _stats(layer):
     return {k: getattr(layer, k).data().asnumpy().copy() for k in ("running_mean", "running_var")}
 
@@ -255,7 +248,7 @@ def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5
     """One batch-norm step by `impl` (the scratch layer runs hybridized, as in training)."""
     validate_inputs(x, gamma, beta, running_mean, running_var, dy, training=training, eps=eps,
                     decay=decay)
-    dtype = _float_dtype(x)
+    dtype = float_dtype(x)
     x = np.asarray(x)
     layer = make_layer(impl, x.shape[1], x.ndim, eps=eps, decay=decay,
                        unbiased=unbiased and training)

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from backends import UnsupportedSetting
 from common import spec
-from common.reference import validate_inputs
+from common.reference import float_dtype, validate_inputs
 
 IMPLS = ("scratch", "scratch-analytic", "native")
 # What decides training vs inference: module.training, or the source's torch.is_grad_enabled().
@@ -265,20 +265,13 @@ def gamma_beta(layer):
     return (layer.gamma, layer.beta) if isinstance(layer, BatchNorm) else (layer.weight, layer.bias)
 
 
-def _float_dtype(x):
-    dt = np.asarray(x).dtype
-    if dt not in (np.float32, np.float64):
-        raise ValueError(f"x must be float32 or float64, got {dt}")
-    return dt
-
-
 def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
             unbiased=False, impl="scratch") -> dict:
     """One batch-norm step of `impl` (contract in backends/__init__.py), in x's dtype."""
     validate_inputs(x, gamma, beta, running_mean, running_var, dy,
                     training=training, eps=eps, decay=decay)
     check_impl(impl)
-    dt = _float_dtype(x)
+    dt = float_dtype(x)
     tdt = torch.float32 if dt == np.float32 else torch.float64
     t = {k: torch.tensor(np.asarray(v), dtype=tdt) for k, v in dict(
         x=x, gamma=gamma, beta=beta, rm=running_mean, rv=running_var, dy=dy).items()}
