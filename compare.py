@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run backend NAME under another Python (e.g. mxnet=/opt/mx/bin/python, "
                         "since MXNet needs numpy<2); repeatable")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default malloc settings in the backend processes (by default "
+                        "they keep freed memory for reuse: CPU training steps are 13-40%% faster)")
     return p
 
 

@@ -52,14 +52,19 @@ probe(impl, x, *, momentum=None, eps=None) -> dict
     `common.conventions.infer` turns this into the convention fields, so the conventions table
     is an experiment, not a claim.
 
-speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5) -> dict
+speed_timer(*, impl, device="auto", batch_size=256, dtype="float32", steps=50) -> timer
     (in train.py) Training-step throughput of LeNet-BN on the fastest path this backend has for
     `impl` on `device` (data resident on the device, compiled/fused steps where the framework
-    offers them), on synthetic Fashion-MNIST-shaped data. Times `repeats` runs of `steps` steps
-    after warm-up with proper synchronisation; returns {"examples_per_s": median,
-    "runs": [examples/s per run], "compile_s": first-call (warm-up/compile) seconds, "device":
-    description, "path": what was timed (e.g. "CUDA graph", "jit + lax.scan", "eager")}. The fast
-    path must give the same losses as the plain `lenet_train` path (tested).
+    offers them), on synthetic Fashion-MNIST-shaped data. Creating the timer builds, compiles and
+    warms up; `timer.info` is {"compile_s": those seconds, "device": description, "path": what
+    is timed (e.g. "CUDA graph", "jit + lax.scan", "eager"), ...}; `timer.run()` times `steps`
+    steps with proper synchronisation and returns {"examples_per_s": ..., ...}. compare.py
+    creates every impl's timer and then takes the runs round-robin, so that a slow spell of a
+    shared machine hits every impl alike and the scratch/native ratio is measured fairly. The
+    fast path must give the same losses as the plain `lenet_train` path (tested).
+
+speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5) -> dict
+    (in train.py) One impl alone: `speed_result(timer.info, runs)` over `repeats` runs.
 
 exact_numerics() -> None
     Turn off TF32 and reduced-precision matmuls in this process (for agreement/trajectory runs on
@@ -123,3 +128,25 @@ def available(which=None) -> dict[str, str | None]:
         except BackendUnavailable as e:
             status[name] = str(e)
     return status
+
+
+def positive_int(name: str, v) -> int:
+    """`v` as an int if it is an integer >= 1 (not a bool), else ValueError naming `name`."""
+    if isinstance(v, bool) or not hasattr(v, "__index__") or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return int(v)
+
+
+def speed_result(info: dict, runs: list[dict]) -> dict:
+    """A speed record from a timer's `info` and its `run()` results: each measured key's median
+    (e.g. "examples_per_s") with the list of runs beside it ("runs"; "eager_runs" for
+    "eager_examples_per_s")."""
+    if not runs:
+        raise ValueError("speed_result needs at least one run")
+    out = dict(info)
+    for key in runs[0]:
+        values = sorted(float(r[key]) for r in runs)
+        mid = len(values) // 2
+        out[key] = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+        out[key.replace("examples_per_s", "runs")] = [float(r[key]) for r in runs]
+    return out

@@ -90,7 +90,8 @@ class Context:
             src, dst = os.path.join(tmp, "in"), os.path.join(tmp, "out")
             io.save(src, {"backend": name, **args})
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+                [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+                BN_COMPARE_MALLOC="default" if self.args.default_malloc else "tuned")
             cmd = [self.python.get(name, sys.executable), "-m", "backends.worker", task, src, dst]
             tail = []
             try:
@@ -600,7 +601,7 @@ def run_train(ctx: Context) -> dict:
         return {}
     md += [f"{ds.describe()}; {cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD lr {cfg['lr']}, "
            f"{cfg['dtype']}, device `{cfg['device']}`. examples/s counts training steps only; wall time "
-           "includes evaluation and compilation.", ""]
+           "includes evaluation and compilation. Memory: " + allocator_note(ctx) + ".", ""]
     runs = per_impl(ctx, "train", cfg, f"training on {cfg['device']}")
     rows = []
     for key, r in runs.items():
@@ -633,6 +634,12 @@ SOURCE_BASELINES = {  # examples/s of the sources' own code on the 2-core CPU, b
 }
 
 
+def allocator_note(ctx: Context) -> str:
+    """How the backend processes' C allocator was set, as their info task reported it."""
+    notes = {ctx.info(n).get("allocator") for n in ctx.live()} - {None}
+    return "; ".join(sorted(notes)) or "unknown"
+
+
 def run_speed(ctx: Context) -> dict:
     quick = ctx.args.quick
     cfg = dict(device=ctx.args.device, batch_size=ctx.args.batch_size, dtype=ctx.args.dtype or "float32",
@@ -661,7 +668,10 @@ def run_speed(ctx: Context) -> dict:
              if not ctx.info(n)["available"]]
     md = ["## Speed: training-step throughput", "",
           f"Batch {cfg['batch_size']}, {cfg['dtype']}, device `{cfg['device']}`; median of {cfg['repeats']} "
-          f"timed runs of {cfg['steps']} steps after warm-up, with device synchronisation. "
+          f"timed runs of {cfg['steps']} steps after warm-up, with device synchronisation. Each backend "
+          "runs in its own process; its impls are compiled and warmed up first and then timed "
+          "round-robin (run r of every impl before run r + 1 of any), so a slow spell of the machine "
+          "hits them alike. Memory: " + allocator_note(ctx) + ". "
           "step time / native is the ratio measured in this run (1.0 = as fast as native); the eager "
           "columns time the uncompiled path where the fast one is compiled (PyTorch on CUDA). "
           "× source native / × source scratch: speed over the seeds' own code measured on the 2-core CPU "

@@ -67,8 +67,14 @@ def test_quick_run_writes_every_report_and_passes(quick_run):
     assert all("error" not in r for r in train.values()), train
     assert all(r["test_acc"] > 0.4 and r["device"] for r in train.values())  # chance is 0.1
     assert (out / "training.png").stat().st_size > 10_000
-    speed = res["reports"]["speed"]["runs"]
-    assert all(r.get("examples_per_s", 0) > 0 or "error" in r for r in speed.values())
+    speed = res["reports"]["speed"]
+    assert set(speed["runs"]) == {f"{b}/{i}" for b in live for i in res["backends"][b]["impls"]}
+    for key, r in speed["runs"].items():
+        assert "error" not in r, (key, r)
+        assert len(r["runs"]) == speed["config"]["repeats"] and r["interleaved"], key
+        assert min(r["runs"]) <= r["examples_per_s"] <= max(r["runs"]) and min(r["runs"]) > 0
+    if sys.platform.startswith("linux"):  # the backend processes kept freed memory for reuse
+        assert all(res["backends"][b]["allocator"].startswith("glibc malloc tuned") for b in live)
 
 
 def test_help_lists_every_report():
@@ -156,3 +162,74 @@ def test_python_option_runs_a_backend_under_the_named_interpreter(tmp_path):
     assert res["backends"]["torch"]["python"] == sys.executable
     assert any(r["row"] == "torch/native" and all(c["agrees"] for c in r["check"].values())
                for r in res["reports"]["conventions"]["rows"])
+
+
+class _FakeTimer:
+    """A speed timer that records when it runs; `fail_on` makes that run raise."""
+
+    def __init__(self, impl, log, fail_on=None):
+        self.impl, self.log, self.fail_on, self.n = impl, log, fail_on, 0
+        self.info = {"compile_s": 0.5, "device": "cpu", "path": "fake"}
+
+    def run(self):
+        self.n += 1
+        self.log.append((self.impl, self.n))
+        if self.n == self.fail_on:
+            raise RuntimeError("lost the device")
+        return {"examples_per_s": 100.0 * self.n}
+
+
+def _fake_backend(log, fail=None, fail_on=None):
+    def speed_timer(*, impl, device, batch_size, dtype, steps):
+        if impl == "broken":
+            raise ValueError("cannot compile")
+        return _FakeTimer(impl, log, fail_on if impl == fail else None)
+
+    return type("Fake", (), {"IMPLS": ("scratch", "broken", "native"),
+                             "speed_timer": staticmethod(speed_timer)})
+
+
+def test_speed_runs_are_taken_round_robin_and_a_failure_stays_with_its_impl():
+    log = []
+    args = dict(backend="fake", device="cpu", batch_size=8, dtype="float32", steps=2, repeats=3)
+    out = worker.TASKS["speed"](_fake_backend(log, fail="scratch", fail_on=2), args)
+    assert log == [("scratch", 1), ("native", 1), ("scratch", 2), ("native", 2), ("native", 3)]
+    assert "cannot compile" in out["broken"]["error"]
+    assert "lost the device" in out["scratch"]["error"]
+    assert out["native"]["runs"] == [100.0, 200.0, 300.0] and out["native"]["examples_per_s"] == 200.0
+    assert out["native"]["compile_s"] == 0.5 and out["native"]["interleaved"]
+
+
+def _freed_block_stays(mode):
+    """Whether, after tune_allocator(mode), an 8 MB array is served from the heap (kept for
+    reuse) rather than from its own mmap (glibc's mallinfo2 counts mmapped bytes)."""
+    code = f"""
+import ctypes, sys
+from backends.worker import tune_allocator
+print(tune_allocator({mode!r}), file=sys.stderr)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+before = libc.mallinfo2().hblkhd
+block = ctypes.create_string_buffer(8 << 20)
+print(libc.mallinfo2().hblkhd - before)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout) == 0, proc.stderr
+
+
+def test_the_tuned_allocator_keeps_large_blocks_in_the_heap():
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2) to observe the allocator")
+    stays, said = _freed_block_stays("tuned")
+    assert stays and said.startswith("glibc malloc tuned"), said
+    stays, said = _freed_block_stays("default")
+    assert not stays and "default malloc" in said, said
+    assert "unknown" in worker.tune_allocator("fast")

@@ -151,3 +151,16 @@ def test_lenet_trajectories_agree_across_backends(sample_dir):
         diffs = lenet.max_abs_diff(run["params"], runs[first]["params"])
         worst = max(diffs, key=diffs.get)
         assert diffs[worst] <= 1e-9, f"{n} vs {first}: {worst} differs by {diffs[worst]:.3g}"
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+def test_speed_timer_is_warm_on_creation_and_times_each_run(name, impl):
+    b = load_backend(name)
+    timer = b.speed_timer(impl=impl, device="cpu", batch_size=16, steps=2)
+    assert timer.info["device"].startswith("cpu") and timer.info["path"]
+    assert timer.info["compile_s"] > 0
+    runs = [timer.run() for _ in range(2)]
+    assert all(r["examples_per_s"] > 0 for r in runs)
+    for bad in (dict(steps=0), dict(batch_size=2.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            b.speed_timer(impl=impl, device="cpu", **{"batch_size": 16, "steps": 2, **bad})

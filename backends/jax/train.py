@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from backends import positive_int, speed_result
 from backends.jax.bn import check_dtype, check_impl, x64_mode
 from backends.jax.lenet import build, make_train_step, nchw_to_nhwc, select_device, to_flax
 from common import data as cdata
@@ -81,6 +82,97 @@ def _chunks(x, y, size):
     return x.reshape((k, size) + x.shape[1:]), y.reshape(k, size)
 
 
+class _Trainer:
+    """One impl's compiled training on device-resident data, shared by `fit` and `SpeedTimer`:
+    the data, parameters and optimizer state on the device, and the step functions compiled
+    ahead of time (so `compile_s` is apart from the timed steps). `epoch(order)` trains on the
+    batches `order` makes and returns the timed seconds; `test_correct()` counts the test set's
+    correct predictions."""
+
+    def __init__(self, data, *, impl, batch_size, lr, seed, device, dtype, eps, decay, params,
+                 scan):
+        check_impl(impl)
+        self.dt = check_dtype(dtype)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.dev, self.device_name = select_device(device)
+        self.scan = self.dev.platform != "cpu" if scan is None else bool(scan)
+        self.n = len(data.train_x)
+        if self.n == 0 or len(data.train_y) != self.n or len(data.test_x) != len(data.test_y):
+            raise ValueError("data needs non-empty train_x/train_y and matching test_x/test_y "
+                             "lengths")
+        self.n_test = len(data.test_x)
+        params = canon.init_params(seed) if params is None else params
+        tx, scan_epoch, loop_step, gather_step, test_correct = _epoch_fns(
+            impl, float(eps), float(decay), float(lr))
+        self.n_full, self.rest = divmod(self.n, self.batch_size)
+        with x64_mode(self.dt):
+            self.x_train = self._put(nchw_to_nhwc(np.asarray(data.train_x, self.dt)))
+            self.y_train = self._put(np.asarray(data.train_y, np.int32))
+            self.x_test, self.y_test = map(self._put, _chunks(
+                nchw_to_nhwc(np.asarray(data.test_x, self.dt)), np.asarray(data.test_y, np.int32),
+                min(EVAL_CHUNK, max(1, self.n_test))))
+            variables = self._put(to_flax(params, impl, self.dt))
+            self.carry = ((variables["params"], variables["batch_stats"],
+                           tx.init(variables["params"])),
+                          self._put(np.zeros((), self.dt)), self._put(np.zeros((), np.int32)))
+            idx_full = self._put(np.zeros((self.n_full, self.batch_size), np.int32))
+            idx_rest = self._put(np.zeros(self.rest, np.int32))
+            t0 = time.perf_counter()
+            args = (self.carry, self.x_train, self.y_train)
+            self.full_fn = None
+            if self.n_full and self.scan:
+                self.full_fn = scan_epoch.lower(*args, idx_full).compile()
+            elif self.n_full:
+                self.full_fn = loop_step.lower(*args, idx_full, 0).compile()
+            self.rest_fn = gather_step.lower(*args, idx_rest).compile() if self.rest else None
+            self.zero = self._put(np.zeros((), np.int32))
+            self.eval_fn = test_correct.lower(self.zero, self._variables(), self.x_test,
+                                              self.y_test, 0).compile()
+            self.compile_s = time.perf_counter() - t0
+
+    def _put(self, a):
+        return jax.device_put(a, self.dev)
+
+    def _variables(self):
+        state = self.carry[0]
+        return {"params": state[0], "batch_stats": state[1]}
+
+    def epoch(self, order) -> float:
+        """Train on the batches of `order` (one epoch's example indices, full batches first);
+        the loss and correct-count sums restart at zero. Returns the timed seconds."""
+        with x64_mode(self.dt):
+            order = np.asarray(order, np.int32)
+            split = self.n_full * self.batch_size
+            idx_full = self._put(order[:split].reshape(self.n_full, self.batch_size))
+            idx_rest = self._put(order[split:])
+            jax.block_until_ready((idx_full, idx_rest))
+            carry = (self.carry[0], self._put(np.zeros((), self.dt)),
+                     self._put(np.zeros((), np.int32)))
+            t0 = time.perf_counter()
+            if self.n_full and self.scan:
+                carry = self.full_fn(carry, self.x_train, self.y_train, idx_full)
+            elif self.n_full:
+                for i in range(self.n_full):
+                    carry = self.full_fn(carry, self.x_train, self.y_train, idx_full, i)
+            if self.rest:
+                carry = self.rest_fn(carry, self.x_train, self.y_train, idx_rest)
+            jax.block_until_ready(carry)
+            self.carry = carry
+            return time.perf_counter() - t0
+
+    def sums(self):
+        """(loss summed over the last epoch's examples, its correct count) as Python numbers."""
+        loss_sum, correct = jax.device_get(self.carry[1:])
+        return float(loss_sum), int(correct)
+
+    def test_correct(self) -> int:
+        with x64_mode(self.dt):
+            total = self.zero
+            for i in range(self.x_test.shape[0]):
+                total = self.eval_fn(total, self._variables(), self.x_test, self.y_test, i)
+            return int(jax.device_get(total))
+
+
 def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dtype="float32",
         eps=1e-5, decay=0.9, params=None, progress=None, scan=None) -> dict:
     """The contract's fit (see backends/__init__.py). `data` has train_x/train_y/test_x/test_y
@@ -88,103 +180,75 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
     (True) or the same jitted step from a Python loop (False); None picks scan on a GPU and the
     loop on the CPU (see the module docstring).
     Uses JAX's default matmul/conv precision for the device (TF32 may apply on GPUs)."""
-    check_impl(impl)
-    dt = check_dtype(dtype)
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-    if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-            or batch_size < 1):
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    dev, device_name = select_device(device)
-    scan = dev.platform != "cpu" if scan is None else bool(scan)
     say = progress or (lambda line: None)
     start = time.perf_counter()
-    n = len(data.train_x)
-    if n == 0 or len(data.train_y) != n or len(data.test_x) != len(data.test_y):
-        raise ValueError("data needs non-empty train_x/train_y and matching test_x/test_y lengths")
-    params = canon.init_params(seed) if params is None else params
-    tx, scan_epoch, loop_step, gather_step, test_correct = _epoch_fns(
-        impl, float(eps), float(decay), float(lr))
-    n_full, rest = divmod(n, batch_size)
-
-    with x64_mode(dt):
-        put = lambda a: jax.device_put(a, dev)
-        x_train = put(nchw_to_nhwc(np.asarray(data.train_x, dt)))
-        y_train = put(np.asarray(data.train_y, np.int32))
-        x_test, y_test = map(put, _chunks(nchw_to_nhwc(np.asarray(data.test_x, dt)),
-                                          np.asarray(data.test_y, np.int32),
-                                          min(EVAL_CHUNK, max(1, len(data.test_x)))))
-        variables = put(to_flax(params, impl, dt))
-        carry = ((variables["params"], variables["batch_stats"], tx.init(variables["params"])),
-                 put(np.zeros((), dt)), put(np.zeros((), np.int32)))
-        idx_full = put(np.zeros((n_full, batch_size), np.int32))
-        idx_rest = put(np.zeros(rest, np.int32))
-
-        t0 = time.perf_counter()
-        full_fn = None
-        if n_full and scan:
-            full_fn = scan_epoch.lower(carry, x_train, y_train, idx_full).compile()
-        elif n_full:
-            full_fn = loop_step.lower(carry, x_train, y_train, idx_full, 0).compile()
-        rest_fn = gather_step.lower(carry, x_train, y_train, idx_rest).compile() if rest else None
-        zero = put(np.zeros((), np.int32))
-        eval_fn = test_correct.lower(
-            zero, {"params": carry[0][0], "batch_stats": carry[0][1]}, x_test, y_test, 0).compile()
-        compile_s = time.perf_counter() - t0
-
-        history, train_s = [], 0.0
-        for epoch in range(epochs):
-            order = np.concatenate(cdata.batch_indices(n, batch_size, seed=seed, epoch=epoch))
-            order = order.astype(np.int32)
-            idx_full = put(order[:n_full * batch_size].reshape(n_full, batch_size))
-            idx_rest = put(order[n_full * batch_size:])
-            jax.block_until_ready((idx_full, idx_rest))
-            carry = (carry[0], put(np.zeros((), dt)), put(np.zeros((), np.int32)))
-            t0 = time.perf_counter()
-            if n_full and scan:
-                carry = full_fn(carry, x_train, y_train, idx_full)
-            elif n_full:
-                for i in range(n_full):
-                    carry = full_fn(carry, x_train, y_train, idx_full, i)
-            if rest:
-                carry = rest_fn(carry, x_train, y_train, idx_rest)
-            jax.block_until_ready(carry)
-            seconds = time.perf_counter() - t0
-            train_s += seconds
-            state, loss_sum, correct = carry
-            n_test_ok = zero
-            for i in range(x_test.shape[0]):
-                n_test_ok = eval_fn(n_test_ok, {"params": state[0], "batch_stats": state[1]},
-                                    x_test, y_test, i)
-            loss_sum, correct, n_test_ok = jax.device_get((loss_sum, correct, n_test_ok))
-            row = {"epoch": epoch + 1, "loss": float(loss_sum) / n, "train_acc": int(correct) / n,
-                   "test_acc": int(n_test_ok) / max(1, len(data.test_x)),
-                   "examples_per_s": n / seconds, "seconds": seconds}
-            history.append(row)
-            say(epoch_line(row, epochs, device_name))
+    t = _Trainer(data, impl=impl, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                 dtype=dtype, eps=eps, decay=decay, params=params, scan=scan)
+    n = t.n
+    history, train_s = [], 0.0
+    for epoch in range(epochs):
+        seconds = t.epoch(np.concatenate(cdata.batch_indices(n, t.batch_size, seed=seed,
+                                                             epoch=epoch)))
+        train_s += seconds
+        n_test_ok = t.test_correct()
+        loss_sum, correct = t.sums()
+        row = {"epoch": epoch + 1, "loss": loss_sum / n, "train_acc": correct / n,
+               "test_acc": n_test_ok / max(1, t.n_test), "examples_per_s": n / seconds,
+               "seconds": seconds}
+        history.append(row)
+        say(epoch_line(row, epochs, t.device_name))
 
     last = history[-1] if history else {"loss": float("nan"), "train_acc": float("nan"),
                                         "test_acc": float("nan")}
-    return {"device": device_name, "history": history, "final_loss": last["loss"],
+    return {"device": t.device_name, "history": history, "final_loss": last["loss"],
             "train_acc": last["train_acc"], "test_acc": last["test_acc"],
             "examples_per_s": n * epochs / train_s if train_s else float("nan"),
-            "wall_s": time.perf_counter() - start, "compile_s": compile_s,
-            "path": "lax.scan epoch" if scan else "jit step loop", "dtype": dt.name}
+            "wall_s": time.perf_counter() - start, "compile_s": t.compile_s,
+            "path": "lax.scan epoch" if t.scan else "jit step loop", "dtype": t.dt.name}
+
+
+class SpeedTimer:
+    """The contract's speed timer (backends/__init__.py): `fit`'s own training path (scan per
+    epoch on a GPU, jitted step loop on the CPU) on seeded synthetic images; one run is an epoch
+    of `steps` batches. Creating it compiles and trains one warm-up epoch."""
+
+    def __init__(self, *, impl, device="auto", batch_size=256, dtype="float32", steps=50):
+        batch_size, steps = positive_int("batch_size", batch_size), positive_int("steps", steps)
+        rng = np.random.default_rng(0)
+        n = batch_size * steps
+        x = rng.uniform(0.0, 1.0, size=(n, 1, 28, 28)).astype(dtype)
+        y = rng.integers(0, 10, size=n)
+        ds = cdata.Dataset(x, y, x[:batch_size], y[:batch_size], "synthetic")
+        self.trainer = _Trainer(ds, impl=impl, batch_size=batch_size, lr=canon.DEFAULT_LR,
+                                seed=0, device=device, dtype=dtype, eps=1e-5, decay=0.9,
+                                params=None, scan=None)
+        self.epochs = 0
+        warmup_s = self._epoch_seconds()
+        t = self.trainer
+        self.info = {"compile_s": t.compile_s, "warmup_s": warmup_s, "device": t.device_name,
+                     "path": "lax.scan epoch" if t.scan else "jit step loop"}
+
+    def _epoch_seconds(self) -> float:
+        order = np.concatenate(cdata.batch_indices(self.trainer.n, self.trainer.batch_size,
+                                                   seed=0, epoch=self.epochs))
+        self.epochs += 1
+        return self.trainer.epoch(order)
+
+    def run(self) -> dict:
+        return {"examples_per_s": self.trainer.n / self._epoch_seconds()}
+
+
+def speed_timer(*, impl, device="auto", batch_size=256, dtype="float32", steps=50) -> SpeedTimer:
+    return SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype, steps=steps)
 
 
 def speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5) -> dict:
-    """The contract's speed: `fit`'s own training path (scan per epoch on a GPU, jitted step loop
-    on the CPU) on seeded synthetic images; an epoch of `steps` batches is one timed run, the first
-    epoch is the warm-up."""
-    rng = np.random.default_rng(0)
-    n = batch_size * steps
-    x = rng.uniform(0.0, 1.0, size=(n, 1, 28, 28)).astype(dtype)
-    y = rng.integers(0, 10, size=n)
-    ds = cdata.Dataset(x, y, x[:batch_size], y[:batch_size], "synthetic")
-    r = fit(ds, impl=impl, epochs=repeats + 1, batch_size=batch_size, device=device, dtype=dtype)
-    runs = [h["examples_per_s"] for h in r["history"][1:]]
-    return {"examples_per_s": float(np.median(runs)), "runs": runs, "compile_s": r["compile_s"],
-            "warmup_s": r["history"][0]["seconds"], "device": r["device"], "path": r["path"]}
+    """The contract's speed: `repeats` runs of a `SpeedTimer`."""
+    repeats = positive_int("repeats", repeats)
+    timer = speed_timer(impl=impl, device=device, batch_size=batch_size, dtype=dtype, steps=steps)
+    return speed_result(timer.info, [timer.run() for _ in range(repeats)])
 
 
 def exact_numerics() -> None:

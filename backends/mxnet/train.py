@@ -10,7 +10,7 @@ import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon
 
-from backends import DeviceUnavailable
+from backends import DeviceUnavailable, positive_int, speed_result
 from common import data as common_data
 from common import lenet as canonical
 from common.report import epoch_line
@@ -161,23 +161,41 @@ def fit(data, *, impl, epochs, batch_size=canonical.DEFAULT_BATCH_SIZE, lr=canon
             "wall_s": time.perf_counter() - start}
 
 
-def speed(*, impl, device="auto", batch_size=canonical.DEFAULT_BATCH_SIZE, dtype="float32",
-          steps=50, repeats=5) -> dict:
-    """Training-step throughput of `fit`'s step on seeded synthetic Fashion-MNIST-shaped data
-    resident on the device: the median of `repeats` timed runs of `steps` steps."""
-    ctx, described, net, step = _setup(impl, device=device, dtype=dtype, lr=canonical.DEFAULT_LR,
-                                       eps=1e-5, decay=0.9, params=None, seed=0)
-    rng = np.random.default_rng(0)
-    x = mx.nd.array(rng.random((batch_size, 1, 28, 28)), dtype=dtype, ctx=ctx)
-    y = mx.nd.array(rng.integers(0, 10, batch_size), dtype=dtype, ctx=ctx)
-    compile_s = _warm_up(net, step, x, y)
-    runs = []
-    for _ in range(repeats):
+class SpeedTimer:
+    """The contract's speed timer (backends/__init__.py): `fit`'s step on a seeded synthetic
+    Fashion-MNIST-shaped batch resident on the device, warmed up on creation."""
+
+    def __init__(self, *, impl, device="auto", batch_size=canonical.DEFAULT_BATCH_SIZE,
+                 dtype="float32", steps=50):
+        batch_size, steps = positive_int("batch_size", batch_size), positive_int("steps", steps)
+        ctx, described, net, self.step = _setup(impl, device=device, dtype=dtype,
+                                                lr=canonical.DEFAULT_LR, eps=1e-5, decay=0.9,
+                                                params=None, seed=0)
+        rng = np.random.default_rng(0)
+        self.x = mx.nd.array(rng.random((batch_size, 1, 28, 28)), dtype=dtype, ctx=ctx)
+        self.y = mx.nd.array(rng.integers(0, 10, batch_size), dtype=dtype, ctx=ctx)
+        self.batch_size, self.steps = batch_size, steps
+        self.info = {"compile_s": _warm_up(net, self.step, self.x, self.y), "device": described,
+                     "path": PATH}
+
+    def run(self) -> dict:
         mx.nd.waitall()
         t0 = time.perf_counter()
-        for _ in range(steps):
-            step(x, y, batch_size)
+        for _ in range(self.steps):
+            self.step(self.x, self.y, self.batch_size)
         mx.nd.waitall()
-        runs.append(steps * batch_size / (time.perf_counter() - t0))
-    return {"examples_per_s": float(np.median(runs)), "runs": runs, "compile_s": compile_s,
-            "device": described, "path": PATH}
+        return {"examples_per_s": self.steps * self.batch_size / (time.perf_counter() - t0)}
+
+
+def speed_timer(*, impl, device="auto", batch_size=canonical.DEFAULT_BATCH_SIZE, dtype="float32",
+                steps=50) -> SpeedTimer:
+    return SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype, steps=steps)
+
+
+def speed(*, impl, device="auto", batch_size=canonical.DEFAULT_BATCH_SIZE, dtype="float32",
+          steps=50, repeats=5) -> dict:
+    """Training-step throughput (contract in backends/__init__.py): `repeats` runs of a
+    `SpeedTimer`."""
+    repeats = positive_int("repeats", repeats)
+    timer = speed_timer(impl=impl, device=device, batch_size=batch_size, dtype=dtype, steps=steps)
+    return speed_result(timer.info, [timer.run() for _ in range(repeats)])

@@ -8,12 +8,13 @@ on CUDA the whole step can be captured once in a CUDA graph and replayed.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
 import torch
 
-from backends import DeviceUnavailable
+from backends import DeviceUnavailable, positive_int, speed_result
 from common import lenet as canon
 from common.data import batch_indices
 from common.report import epoch_line
@@ -96,8 +97,7 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
     synchronisations; test accuracy is measured after each epoch and not timed."""
     wall0 = time.perf_counter()
     check_impl(impl)
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    epochs = positive_int("epochs", epochs)
     train_x, train_y, test_x, test_y = _arrays(data)
     dev, desc = resolve_device(device)
     tdt = torch_dtype(dtype)
@@ -230,90 +230,110 @@ PATH_NAMES = {("cuda", "eager"): "eager, data on the GPU", ("cpu", "eager"): "ea
               ("cpu", "compile"): "torch.compile (inductor, C++)"}
 
 
-def _time_steps(steps_obj, dev, steps, repeats, batch_size):
-    runs = []
-    for _ in range(repeats):
-        _sync(dev)
-        t0 = time.perf_counter()
-        steps_obj.run(steps)
-        _sync(dev)
-        runs.append(steps * batch_size / (time.perf_counter() - t0))
-    return runs
-
-
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    return int(v)
-
-
-def speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5,
-          path="auto", seed=0) -> dict:
-    """Training-step throughput of LeNet-BN with `impl` (contract in backends/__init__.py).
+class SpeedTimer:
+    """The contract's speed timer (see backends/__init__.py): built, compiled/captured and
+    warmed up on creation; `run()` times `steps` steps.
 
     Synthetic Fashion-MNIST-shaped data (seeded NumPy, pixels in [0, 1), SPEED_BATCHES batches)
     lives on the device. `path`: "auto" is "compile" (torch.compile + CUDA graph) on CUDA
     and "eager" on CPU, where torch.compile (7-30 s of C++ compilation per impl on 2 cores) gave
     no reliable gain (native and scratch-analytic within noise of eager, scratch at most ~10%);
-    "eager", "cuda-graph" or "compile" ask for one. On CUDA the
-    eager path is timed as well and reported as "eager_examples_per_s" (and in "note"), and a
-    failing torch.compile falls back to the CUDA graph of the eager step (said in "note").
-    compile_s is the setup: data upload, compilation or capture, and the warm-up steps."""
-    check_impl(impl)
-    batch_size, steps, repeats = (_positive_int(k, v) for k, v in
-                                  dict(batch_size=batch_size, steps=steps, repeats=repeats).items())
-    dev, desc = resolve_device(device)
-    path = _speed_path(path, dev)
-    tdt = torch_dtype(dtype)
-    rng = np.random.default_rng(seed)
-    n = SPEED_BATCHES * batch_size
-    X = torch.as_tensor(rng.random((n, 1, 28, 28)), dtype=tdt).to(dev)
-    Y = torch.as_tensor(rng.integers(0, 10, n), dtype=torch.int64).to(dev)
-    order = torch.as_tensor(rng.permutation(n).reshape(SPEED_BATCHES, batch_size)).to(dev)
-    params = canon.init_params(seed)
+    "eager", "cuda-graph" or "compile" ask for one. On CUDA the eager path is timed as well
+    ("eager_examples_per_s"), and a failing torch.compile falls back to the CUDA graph of the
+    eager step (said in "note"). compile_s is the setup: data upload, compilation or capture,
+    and the warm-up steps."""
 
-    def setup(p):
-        model = build_lenet(impl, device=dev, dtype=tdt, params=params).train()
-        opt = torch.optim.SGD(model.parameters(), lr=canon.DEFAULT_LR)
-        return DeviceSteps(model, opt, X, Y, order, p)
+    def __init__(self, *, impl, device="auto", batch_size=256, dtype="float32", steps=50,
+                 path="auto", seed=0):
+        check_impl(impl)
+        self.batch_size, self.steps = (positive_int(k, v) for k, v in
+                                       dict(batch_size=batch_size, steps=steps).items())
+        self.dev, desc = resolve_device(device)
+        path = _speed_path(path, self.dev)
+        tdt = torch_dtype(dtype)
+        rng = np.random.default_rng(seed)
+        n = SPEED_BATCHES * batch_size
+        dev = self.dev
+        X = torch.as_tensor(rng.random((n, 1, 28, 28)), dtype=tdt).to(dev)
+        Y = torch.as_tensor(rng.integers(0, 10, n), dtype=torch.int64).to(dev)
+        order = torch.as_tensor(rng.permutation(n).reshape(SPEED_BATCHES, batch_size)).to(dev)
+        params = canon.init_params(seed)
 
-    notes = []
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = dev.type == "cuda" or benchmark  # autotuned conv plans
-    try:
+        def setup(p):
+            model = build_lenet(impl, device=dev, dtype=tdt, params=params).train()
+            opt = torch.optim.SGD(model.parameters(), lr=canon.DEFAULT_LR)
+            return DeviceSteps(model, opt, X, Y, order, p)
+
+        notes = []
         _sync(dev)
         t0 = time.perf_counter()
-        try:
-            runner = setup(path)
-        except Exception as e:
-            if path != "compile" or dev.type != "cuda":
-                raise
-            notes.append(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
-                         "timed the CUDA graph of the eager step")
-            path = "cuda-graph"
-            t0 = time.perf_counter()
-            runner = setup(path)
-        runner.run(DeviceSteps.WARMUP)
-        _sync(dev)
-        compile_s = time.perf_counter() - t0
-        runs = _time_steps(runner, dev, steps, repeats, batch_size)
-        out = {"examples_per_s": float(np.median(runs)), "runs": runs, "compile_s": compile_s,
-               "device": desc, "path": PATH_NAMES[dev.type, path]}
-        if dev.type == "cuda" and path != "eager":
-            eager = setup("eager")
-            eager.run(DeviceSteps.WARMUP)
-            eager_runs = _time_steps(eager, dev, steps, repeats, batch_size)
-            out["eager_examples_per_s"] = float(np.median(eager_runs))
-            out["eager_runs"] = eager_runs
-            notes.append(f"eager {out['eager_examples_per_s']:,.0f} examples/s")
+        with _cudnn_benchmark(dev.type == "cuda"):  # autotuned conv plans
+            try:
+                self.runner = setup(path)
+            except Exception as e:
+                if path != "compile" or dev.type != "cuda":
+                    raise
+                notes.append(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
+                             "timed the CUDA graph of the eager step")
+                path = "cuda-graph"
+                t0 = time.perf_counter()
+                self.runner = setup(path)
+            self.runner.run(DeviceSteps.WARMUP)
+            _sync(dev)
+            compile_s = time.perf_counter() - t0
+            self.eager = None
+            if dev.type == "cuda" and path != "eager":
+                self.eager = setup("eager")
+                self.eager.run(DeviceSteps.WARMUP)
+                _sync(dev)
+        self.info = {"compile_s": compile_s, "device": desc, "path": PATH_NAMES[dev.type, path]}
         if dev.type == "cuda":
-            out["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32,
-                           "cudnn": torch.backends.cudnn.allow_tf32}
+            self.info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                                 "cudnn": torch.backends.cudnn.allow_tf32}
+        if self.eager is not None:
+            notes.append("eager path timed as well (eager_examples_per_s)")
         if notes:
-            out["note"] = "; ".join(notes)
+            self.info["note"] = "; ".join(notes)
+
+    def _time(self, steps_obj) -> float:
+        _sync(self.dev)
+        t0 = time.perf_counter()
+        steps_obj.run(self.steps)
+        _sync(self.dev)
+        return self.steps * self.batch_size / (time.perf_counter() - t0)
+
+    def run(self) -> dict:
+        with _cudnn_benchmark(self.dev.type == "cuda"):
+            out = {"examples_per_s": self._time(self.runner)}
+            if self.eager is not None:
+                out["eager_examples_per_s"] = self._time(self.eager)
         return out
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on or saved
+    try:
+        yield
     finally:
-        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.benchmark = saved
+
+
+def speed_timer(*, impl, device="auto", batch_size=256, dtype="float32", steps=50,
+                path="auto", seed=0) -> SpeedTimer:
+    return SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype, steps=steps,
+                      path=path, seed=seed)
+
+
+def speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5,
+          path="auto", seed=0) -> dict:
+    """Training-step throughput of LeNet-BN with `impl` (contract in backends/__init__.py):
+    `repeats` runs of a `SpeedTimer`."""
+    repeats = positive_int("repeats", repeats)
+    timer = speed_timer(impl=impl, device=device, batch_size=batch_size, dtype=dtype,
+                        steps=steps, path=path, seed=seed)
+    return speed_result(timer.info, [timer.run() for _ in range(repeats)])
 
 
 def exact_numerics() -> None:
