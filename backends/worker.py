@@ -23,10 +23,13 @@ from common.conventions import probe_input
 
 
 # glibc's defaults hand every freed block over 128 KiB (up to 32 MiB, adaptively) back to the
-# OS, so each training step page-faults its activations in again, and XLA's CPU runtime takes
-# one ~36 MB temporary block per LeNet-BN step, from per-thread arenas that cannot hold it.
-# Measured on the 2-core CPU with the settings below: PyTorch steps 13-20% faster, JAX/XLA
-# 25-40% faster and steadier; MXNet pools its own memory.
+# OS, so each training step page-faults its activations in again; XLA's CPU runtime takes one
+# ~36 MB temporary block per LeNet-BN step (batch 256), above any default threshold. With the
+# threshold raised but one arena per thread, JAX runs were erratic (4.9k-11k examples/s); with
+# one arena they are steady.
+# Measured with `compare.py speed` on the 2-core CPU, tuned vs --default-malloc: JAX/XLA
+# 8.6-8.8k -> 11.3-11.7k examples/s, PyTorch native 22.6k -> 23.0-23.9k; MXNet pools its own
+# memory (no change).
 MALLOC_ENV = "BN_COMPARE_MALLOC"  # "tuned" (default) or "default"; compare.py --default-malloc
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 1 << 30
