@@ -233,3 +233,9 @@ def test_the_tuned_allocator_keeps_large_blocks_in_the_heap():
     stays, said = _freed_block_stays("default")
     assert not stays and "default malloc" in said, said
     assert "unknown" in worker.tune_allocator("fast")
+
+
+def test_default_malloc_reaches_the_backend_processes(tmp_path):
+    _compare("conventions", "--backends", "torch", "--default-malloc", "--out", tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["backends"]["torch"]["allocator"] == "default malloc settings (--default-malloc)"
