@@ -252,6 +252,7 @@ class SpeedTimer:
         path = _speed_path(path, self.dev)
         tdt = torch_dtype(dtype)
         rng = np.random.default_rng(seed)
+        batch_size = self.batch_size
         n = SPEED_BATCHES * batch_size
         dev = self.dev
         X = torch.as_tensor(rng.random((n, 1, 28, 28)), dtype=tdt).to(dev)
