@@ -64,7 +64,7 @@ speed_timer(*, impl, device="auto", batch_size=256, dtype="float32", steps=50) -
     fast path must give the same losses as the plain `lenet_train` path (tested).
 
 speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5) -> dict
-    (in train.py) One impl alone: `speed_result(timer.info, runs)` over `repeats` runs.
+    (in train.py) One impl alone: `time_alone(speed_timer(...), repeats)`.
 
 exact_numerics() -> None
     Turn off TF32 and reduced-precision matmuls in this process (for agreement/trajectory runs on
@@ -75,6 +75,7 @@ versions() -> {package: version} of the framework packages this backend uses.
 from __future__ import annotations
 
 import importlib
+import statistics
 
 _NAMES = ("torch", "mxnet", "jax")
 
@@ -145,8 +146,13 @@ def speed_result(info: dict, runs: list[dict]) -> dict:
         raise ValueError("speed_result needs at least one run")
     out = dict(info)
     for key in runs[0]:
-        values = sorted(float(r[key]) for r in runs)
-        mid = len(values) // 2
-        out[key] = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-        out[key.replace("examples_per_s", "runs")] = [float(r[key]) for r in runs]
+        values = [float(r[key]) for r in runs]
+        out[key] = statistics.median(values)
+        out[key.replace("examples_per_s", "runs")] = values
     return out
+
+
+def time_alone(timer, repeats) -> dict:
+    """Every backend's `speed()`: `repeats` runs of one impl's timer, back to back."""
+    repeats = positive_int("repeats", repeats)
+    return speed_result(timer.info, [timer.run() for _ in range(repeats)])

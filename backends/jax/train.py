@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from backends import positive_int, speed_result
+from backends import positive_int, time_alone
 from backends.jax.bn import check_dtype, check_impl, x64_mode
 from backends.jax.lenet import build, make_train_step, nchw_to_nhwc, select_device, to_flax
 from common import data as cdata
@@ -240,15 +240,13 @@ class SpeedTimer:
         return {"examples_per_s": self.trainer.n / self._epoch_seconds()}
 
 
-def speed_timer(*, impl, device="auto", batch_size=256, dtype="float32", steps=50) -> SpeedTimer:
-    return SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype, steps=steps)
+speed_timer = SpeedTimer
 
 
 def speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5) -> dict:
     """The contract's speed: `repeats` runs of a `SpeedTimer`."""
-    repeats = positive_int("repeats", repeats)
-    timer = speed_timer(impl=impl, device=device, batch_size=batch_size, dtype=dtype, steps=steps)
-    return speed_result(timer.info, [timer.run() for _ in range(repeats)])
+    return time_alone(SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype,
+                                 steps=steps), repeats)
 
 
 def exact_numerics() -> None:

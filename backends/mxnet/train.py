@@ -10,7 +10,7 @@ import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon
 
-from backends import DeviceUnavailable, positive_int, speed_result
+from backends import DeviceUnavailable, positive_int, time_alone
 from common import data as common_data
 from common import lenet as canonical
 from common.report import epoch_line
@@ -187,15 +187,12 @@ class SpeedTimer:
         return {"examples_per_s": self.steps * self.batch_size / (time.perf_counter() - t0)}
 
 
-def speed_timer(*, impl, device="auto", batch_size=canonical.DEFAULT_BATCH_SIZE, dtype="float32",
-                steps=50) -> SpeedTimer:
-    return SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype, steps=steps)
+speed_timer = SpeedTimer
 
 
 def speed(*, impl, device="auto", batch_size=canonical.DEFAULT_BATCH_SIZE, dtype="float32",
           steps=50, repeats=5) -> dict:
     """Training-step throughput (contract in backends/__init__.py): `repeats` runs of a
     `SpeedTimer`."""
-    repeats = positive_int("repeats", repeats)
-    timer = speed_timer(impl=impl, device=device, batch_size=batch_size, dtype=dtype, steps=steps)
-    return speed_result(timer.info, [timer.run() for _ in range(repeats)])
+    return time_alone(SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype,
+                                 steps=steps), repeats)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from backends import DeviceUnavailable, positive_int, speed_result
+from backends import DeviceUnavailable, positive_int, time_alone
 from common import lenet as canon
 from common.data import batch_indices
 from common.report import epoch_line
@@ -321,20 +321,15 @@ def _cudnn_benchmark(on: bool):
         torch.backends.cudnn.benchmark = saved
 
 
-def speed_timer(*, impl, device="auto", batch_size=256, dtype="float32", steps=50,
-                path="auto", seed=0) -> SpeedTimer:
-    return SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype, steps=steps,
-                      path=path, seed=seed)
+speed_timer = SpeedTimer
 
 
 def speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5,
           path="auto", seed=0) -> dict:
     """Training-step throughput of LeNet-BN with `impl` (contract in backends/__init__.py):
     `repeats` runs of a `SpeedTimer`."""
-    repeats = positive_int("repeats", repeats)
-    timer = speed_timer(impl=impl, device=device, batch_size=batch_size, dtype=dtype,
-                        steps=steps, path=path, seed=seed)
-    return speed_result(timer.info, [timer.run() for _ in range(repeats)])
+    return time_alone(SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype,
+                                 steps=steps, path=path, seed=seed), repeats)
 
 
 def exact_numerics() -> None:
