@@ -3,52 +3,65 @@
     python compare.py                 # every report below, written to results/
     python compare.py agreement       # one report; see --help
 
-Each backend's work runs in its own child process; this process imports no framework.
+Each backend's work runs in its own child process; this process imports no framework. The
+engine is the `reports` package; this file is only the command line.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-REPORTS = {
-    "agreement": "batch_norm of every backend × impl vs the float64 NumPy reference and pairwise "
-                 "(y, dx, dgamma, dbeta, running stats; 2-D/4-D; float32/float64)",
-    "conventions": "what each framework's momentum weighs, default momentum/eps, running-variance "
-                   "estimator, when statistics update, layout: read from the installed frameworks "
-                   "and checked by an experiment",
-    "trajectory": "LeNet-BN from identical parameters on identical batches, N SGD steps in every "
-                  "backend × impl: per-step loss and final-parameter differences",
-    "train": "LeNet-BN on Fashion-MNIST, every backend × impl: accuracy, loss, examples/s, device; "
-             "loss/accuracy curves as PNG",
-    "speed": "training-step throughput of every backend × impl × device, scratch/native ratio",
-}
+EXIT_CODES = """exit status:
+  0    every check of every report that ran passed
+  1    a check failed, a report crashed, or a backend was unavailable or its child process
+       crashed (a backend named by --allow-missing may be unavailable without failing)
+  2    bad input, refused in one line before any backend starts (options, data, --out)
+  130  interrupted: results.json keeps the finished reports and says "interrupted": true"""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad options: one line and exit status 2, like every other bad input (argparse would
+        print the whole usage first)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    epilog = "reports:\n" + "\n".join(f"  {k:<12} {v}" for k, v in REPORTS.items())
-    p = argparse.ArgumentParser(
-        prog="compare.py", description=__doc__.split("\n")[0],
-        epilog=epilog + "\n\nWith no report named, all of them run in the order above.",
+    import reports
+
+    summaries = reports.summaries()
+    quick = "; ".join(q for q in (getattr(reports.load(n), "QUICK", None) for n in reports.ORDER) if q)
+    epilog = ("reports (run in this order when none is named):\n"
+              + "\n".join(f"  {k:<12} {v}" for k, v in summaries.items()) + "\n\n" + EXIT_CODES
+              + "\n\nResults: OUT/results.json and OUT/results.md (+ PNG plots). Running one report "
+              "replaces only its own section of an existing results.json; the others are kept.")
+    p = Parser(
+        prog="compare.py", description=__doc__.split("\n")[0], epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("report", nargs="?", default="all", choices=["all", *REPORTS],
+    p.add_argument("report", nargs="?", default="all", choices=["all", *summaries],
                    help="which report to run (default: all)")
     p.add_argument("--backends", default="torch,mxnet,jax",
                    help="comma-separated backends (default: torch,mxnet,jax)")
+    p.add_argument("--allow-missing", metavar="NAME[,NAME]|all", default=None,
+                   help="backends that may be unavailable without failing the run (their rows say "
+                        "why); default: $BN_COMPARE_ALLOW_MISSING, else none")
     p.add_argument("--data", metavar="DIR", help="Fashion-MNIST directory (default: "
-                   "$FASHION_MNIST_DIR, then the user cache, else download)")
+                   "$FASHION_MNIST_DIR, then the user cache, else download once)")
     p.add_argument("--out", metavar="DIR", default="results",
                    help="where results.json, results.md and plots go (default: results/)")
-    p.add_argument("--seed", type=int, default=0, help="seed for inputs, parameters and batch order")
+    p.add_argument("--seed", type=int, default=0,
+                   help="non-negative seed for inputs, parameters and batch order (default 0)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="dtype for train/speed (default float32) and the only dtype agreement and "
                         "trajectory use if given (default: both)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="train/speed device: auto = the GPU where a backend can use one")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes: 6 epochs on at most 10,000 training images, 5 trajectory steps, short timings")
+    p.add_argument("--quick", action="store_true", help="small sizes: " + quick.replace("%", "%%"))
     p.add_argument("--epochs", type=int, help="training epochs (default 10; --quick: 6)")
-    p.add_argument("--batch-size", type=int, default=256, help="training batch size (default 256)")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the seeds' 1.0)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="training batch size, at most the training set's size (default 256)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="SGD learning rate, positive and finite (default: the seeds' 1.0)")
     p.add_argument("--steps", type=int, default=None,
                    help="trajectory SGD steps (default 20; --quick: 5)")
     p.add_argument("--python", action="append", default=[], metavar="NAME=INTERPRETER",
@@ -64,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from common import runner  # heavy lifting lives in common/; still no framework import here
+    import reports
+    from reports import session
 
-    return runner.run(args)
+    return session.run(args, reports.ORDER if args.report == "all" else (args.report,))
 
 
 if __name__ == "__main__":

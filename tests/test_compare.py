@@ -1,16 +1,21 @@
-"""compare.py end to end on the sample data (quick mode), its error handling, and a deliberately
-broken convention that the agreement report must catch."""
+"""compare.py end to end on the sample data (quick mode), and its one failure policy: crashing
+and missing backends, bad input refused up front, results merged and never lost."""
+import gzip
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
 import compare
-from backends import worker
-from common import runner, spec
+import reports
+from reports import child, session
+from common import spec
 from common.spec import OLD
 from conftest import REPO, REQUIRED, load_backend
 
@@ -18,6 +23,14 @@ from conftest import REPO, REQUIRED, load_backend
 def _compare(*argv, env=None, timeout=900):
     return subprocess.run([sys.executable, "compare.py", *map(str, argv)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _script(tmp_path, name, body):
+    """An executable shell script standing in for a backend's Python interpreter."""
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -32,42 +45,43 @@ def test_quick_run_writes_every_report_and_passes(quick_run):
     proc, out, res = quick_run
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert set(res["reports"]) == {"agreement", "conventions", "trajectory", "train", "speed"}
-    assert sum(line.startswith("## ") for line in (out / "results.md").read_text().splitlines()) == 5
+    assert set(res["reports"]) == set(reports.ORDER) and all(n in res for n in reports.ORDER)
+    assert res["interrupted"] is False and res["failures"] == []
+    assert all(res["reports"][n]["status"] == "pass" for n in reports.ORDER)
+    assert sum(line.startswith("## ") for line in (out / "results.md").read_text().splitlines()) == len(reports.ORDER)
     live = [n for n, b in res["backends"].items() if b["available"]]
     assert REQUIRED <= set(live), res["backends"]
     for b in live:
         assert res["backends"][b]["versions"], b
 
-    rows = [r for r in res["reports"]["agreement"]["rows"] if "dtype" in r]
+    rows = [r for r in res["agreement"]["rows"] if "dtype" in r]
     assert {(r["backend"], r["dtype"]) for r in rows} == {(b, d) for b in live for d in ("float64", "float32")}
     assert all(r["pass"] for r in rows), [r for r in rows if not r["pass"]]
     worst64 = max(e["abs"] for r in rows if r["dtype"] == "float64" for e in r["errors"].values())
     assert worst64 <= 1e-10
-    assert all(p["pass"] for p in res["reports"]["agreement"]["pairwise"])
+    assert all(p["pass"] for p in res["agreement"]["pairwise"])
     if "torch" in live:  # native PyTorch's unbiased running variance is labelled, not passed off
         assert any(c["backend"] == "torch" and c["impl"] == "native" and c["running_stats_gap"] > 1e-3
-                   for c in res["reports"]["agreement"]["conventions"])
-
+                   for c in res["agreement"]["conventions"])
     if "jax" in live:  # Flax's default fast variance is measured and labelled, far above noise
         assert any("fast variance" in c["convention"] and c["running_stats_gap"] > 1e-7
-                   for c in res["reports"]["agreement"]["conventions"] if c["backend"] == "jax")
+                   for c in res["agreement"]["conventions"] if c["backend"] == "jax")
 
-    conv_rows = [r for r in res["reports"]["conventions"]["rows"] if "check" in r]
+    conv_rows = [r for r in res["conventions"]["rows"] if "check" in r]
     assert conv_rows and all(c["agrees"] for r in conv_rows for c in r["check"].values())
-    translation = res["reports"]["conventions"]["translation"]
+    translation = res["conventions"]["translation"]
     assert translation["mxnet_source_0.9_as_torch_source"] == pytest.approx(0.1)
     assert all(r["matches_closed_form"] for r in translation["runs"].values())
 
-    traj = res["reports"]["trajectory"]["dtypes"]["float64"]
+    traj = res["trajectory"]["dtypes"]["float64"]
     assert traj["runs"] and all(r["pass"] for r in traj["runs"].values()), traj["runs"]
     assert len(traj["runs"]) == sum(len(res["backends"][b]["impls"]) for b in live)
 
-    train = res["reports"]["train"]["runs"]
+    train = res["train"]["runs"]
     assert all("error" not in r for r in train.values()), train
     assert all(r["test_acc"] > 0.4 and r["device"] for r in train.values())  # chance is 0.1
     assert (out / "training.png").stat().st_size > 10_000
-    speed = res["reports"]["speed"]
+    speed = res["speed"]
     assert set(speed["runs"]) == {f"{b}/{i}" for b in live for i in res["backends"][b]["impls"]}
     for key, r in speed["runs"].items():
         assert "error" not in r, (key, r)
@@ -77,69 +91,244 @@ def test_quick_run_writes_every_report_and_passes(quick_run):
         assert all(res["backends"][b]["allocator"].startswith("glibc malloc tuned") for b in live)
 
 
-def test_help_lists_every_report():
+def test_help_lists_every_report_the_exit_codes_and_what_quick_changes():
     proc = _compare("--help")
     assert proc.returncode == 0
-    for name in runner.ORDER:
+    for name in reports.ORDER:
         assert name in proc.stdout
+        quick = getattr(reports.load(name), "QUICK", None)
+        if quick:
+            assert " ".join(quick.split()) in " ".join(proc.stdout.split())
+    assert "--allow-missing" in proc.stdout and "130" in proc.stdout
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--backends", "tensorflow"], "unknown"),
-    (["--python", "mxnet=/no/such/python"], "does not exist"),
-    (["--python", "mxnet"], "NAME=INTERPRETER"),
-    (["--epochs", "0", "train"], "at least 1"),
-    (["--data", "/no/such/dir", "train"], "not a directory"),
-    (["nonsense"], "invalid choice"),
-])
-def test_bad_command_lines_give_one_clear_error(argv, message, tmp_path):
-    proc = _compare(*argv, "--out", tmp_path)
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+# -- the failure policy, for every report ---------------------------------------------------
+@pytest.mark.parametrize("report", reports.ORDER)
+def test_a_crashing_backend_interpreter_fails_every_report_unless_allowed(report, tmp_path, sample_dir):
+    crash = _script(tmp_path, "python", "echo 'Segmentation fault' >&2; exit 1")
+    argv = [report, "--backends", "jax", "--python", f"jax={crash}", "--quick", "--data", sample_dir]
+    proc = _compare(*argv, "--out", tmp_path / "strict")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "strict" / "results.json").read_text())
+    assert any("jax" in f and "unavailable" in f for f in res["reports"][report]["failures"])
 
-
-def test_corrupt_data_is_a_clear_error_naming_the_file(tmp_path, sample_dir):
-    for f in sample_dir.glob("*.gz"):
-        shutil.copy(f, tmp_path / f.name)
-    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
-    proc = _compare("trajectory", "--quick", "--backends", "torch", "--data", tmp_path, "--out", tmp_path / "out")
+    proc = _compare(*argv, "--allow-missing", "jax", "--out", tmp_path / "allowed")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "allowed" / "results.json").read_text())
+    assert res["reports"][report]["allowed_missing"] == ["jax"]
+    md = (tmp_path / "allowed" / "results.md").read_text()
+    assert "jax" in md and "exited with code 1" in md and "allowed by --allow-missing" in md
     assert "Traceback" not in proc.stderr
-    assert "train-labels-idx1-ubyte.gz" in proc.stdout + proc.stderr
-    assert (tmp_path / "out" / "results.json").exists()  # the report says why; nothing is lost
 
 
-def test_a_backend_that_crashes_becomes_a_row_and_the_others_are_written(tmp_path):
-    proc = _compare("conventions", "--backends", "torch,jax", "--python", "jax=/bin/false", "--out", tmp_path)
+def test_allow_missing_comes_from_the_environment_too(tmp_path):
+    crash = _script(tmp_path, "python", "exit 1")
+    argv = ["conventions", "--backends", "jax", "--python", f"jax={crash}", "--out", tmp_path / "o"]
+    assert _compare(*argv, env={"BN_COMPARE_ALLOW_MISSING": "jax"}).returncode == 0
+    assert _compare(*argv, env={"BN_COMPARE_ALLOW_MISSING": ""}).returncode == 1
+
+
+def test_a_child_that_crashes_mid_report_is_a_failure_even_when_missing_is_allowed(tmp_path):
+    """The backend loads (its info task runs) but its process dies in the report's task."""
+    flaky = _script(tmp_path, "python", f'case "$3" in info) exec {sys.executable} "$@";; *) kill -9 $$;; esac')
+    proc = _compare("conventions", "--backends", "torch", "--python", f"torch={flaky}",
+                    "--allow-missing", "torch", "--out", tmp_path)
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["backends"]["jax"]["available"] is False
-    assert "exited with code 1" in res["backends"]["jax"]["reason"]
-    assert "jax" in (tmp_path / "results.md").read_text()
-    if res["backends"]["torch"]["available"]:
-        assert any(r["row"].startswith("torch/") and "check" in r for r in res["reports"]["conventions"]["rows"])
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    assert any("child process failed" in f for f in res["reports"]["conventions"]["failures"])
 
 
-def _in_process(ctx, name, task, args):
-    """Context.call without a child process, so a test can alter the backend's environment."""
+# -- bad input, refused up front ------------------------------------------------------------
+def _corrupt(tmp_path, sample_dir, how):
+    d = tmp_path / f"data-{how}"
+    d.mkdir()
+    for f in sample_dir.glob("*.gz"):
+        shutil.copy(f, d / f.name)
+    images = d / "train-images-idx3-ubyte.gz"
+    if how == "truncated":
+        images.write_bytes(images.read_bytes()[:5000])
+    elif how == "magic":
+        raw = bytearray(gzip.decompress(images.read_bytes()))
+        raw[2:4] = b"\x09\x09"
+        images.write_bytes(gzip.compress(bytes(raw)))
+    elif how == "labels-as-images":
+        shutil.copy(d / "train-labels-idx1-ubyte.gz", images)
+    return d
+
+
+BAD = {
+    "negative seed": (["--seed", "-1"], "--seed"),
+    "nan lr": (["--lr", "nan"], "--lr"),
+    "infinite lr": (["--lr", "inf"], "--lr"),
+    "zero lr": (["--lr", "0"], "--lr"),
+    "duplicate backends": (["--backends", "torch,jax,torch"], "more than once"),
+    "unknown backend": (["--backends", "tensorflow"], "unknown"),
+    "unknown allowed backend": (["--allow-missing", "theano"], "unknown"),
+    "oversized batch": (["train", "--batch-size", "100000"], "larger than the training set"),
+    "oversized batch, trajectory": (["trajectory", "--batch-size", "5000"], "larger than the training set"),
+    "oversized synthetic batch": (["speed", "--batch-size", "100000"], "larger than 60000"),
+    "zero epochs": (["--epochs", "0", "train"], "at least 1"),
+    "missing interpreter": (["--python", "mxnet=/no/such/python"], "does not exist"),
+    "bad --python": (["--python", "mxnet"], "NAME=INTERPRETER"),
+    "missing data dir": (["--data", "/no/such/dir", "train"], "not a directory"),
+    "unknown report": (["nonsense"], "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_refused_in_one_line_before_any_backend_starts(case, tmp_path, sample_dir):
+    argv, message = BAD[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": "run"}')
+    if "--data" not in argv:
+        argv = [*argv, "--data", sample_dir]
+    t0 = time.perf_counter()
+    proc = _compare(*argv, "--out", out)
+    assert time.perf_counter() - t0 < 5, "bad input must be refused in seconds"
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) <= 2 and message in lines[-1] and "Traceback" not in proc.stderr, proc.stderr
+    assert "loading" not in proc.stderr  # no backend was started
+    assert (out / "results.json").read_text() == '{"earlier": "run"}' and len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize("how", ["truncated", "magic", "labels-as-images"])
+def test_corrupt_or_wrong_data_is_refused_up_front_naming_the_file(how, tmp_path, sample_dir):
+    data_dir = _corrupt(tmp_path, sample_dir, how)
+    t0 = time.perf_counter()
+    proc = _compare("--quick", "--data", data_dir, "--out", tmp_path / "out")
+    assert time.perf_counter() - t0 < 5
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "train-images-idx3-ubyte.gz" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_no_data_offline_is_one_attempt_and_one_line(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "FASHION_MNIST_DIR": "",
+           "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    t0 = time.perf_counter()
+    proc = _compare("train", "--out", tmp_path / "out", env=env)
+    assert time.perf_counter() - t0 < 5
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.count("every mirror failed") == 1 and "--data DIR" in proc.stderr
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = _compare("conventions", "--out", blocker / "results")
+    assert proc.returncode == 2 and "--out" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- results are never lost or mislabelled ----------------------------------------------------
+def _missing_jax(tmp_path, report, out, *extra):
+    crash = _script(tmp_path, "python", "exit 1")
+    return _compare(report, "--backends", "jax", "--python", f"jax={crash}", "--allow-missing", "jax",
+                    "--out", out, *extra)
+
+
+def test_one_report_merges_into_earlier_results_and_files_get_normal_modes(tmp_path):
+    out = tmp_path / "out"
+    assert _missing_jax(tmp_path, "agreement", out).returncode == 0
+    first = json.loads((out / "results.json").read_text())
+    assert _missing_jax(tmp_path, "conventions", out).returncode == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["reports"]) == {"agreement", "conventions"}
+    assert res["reports"]["agreement"] == first["reports"]["agreement"]
+    md = (out / "results.md").read_text()
+    assert "## Agreement" in md and "## Conventions" in md and "From an earlier run" in md
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("results.json", "results.md"):
+        assert stat.S_IMODE((out / f).stat().st_mode) == 0o666 & ~umask
+
+
+def test_an_unmergeable_earlier_file_is_moved_aside_not_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{ not json")
+    assert _missing_jax(tmp_path, "conventions", out).returncode == 0
+    kept = list(out.glob("results.*.unmerged.json"))
+    assert len(kept) == 1 and kept[0].read_text() == "{ not json"
+    assert kept[0].name in (out / "results.md").read_text()
+
+
+def test_plots_a_rerun_no_longer_makes_are_removed_and_strays_are_named(tmp_path):
+    s = store_for(tmp_path)
+    (tmp_path / "training.png").write_bytes(b"png")
+    s.save_section("train", reports.Section({}, "## Training", [], ["training.png"]), _meta(s))
+    (tmp_path / "unrelated.png").write_bytes(b"png")
+    s.save_section("train", reports.Section({}, "## Training", [], []), _meta(s))
+    assert not (tmp_path / "training.png").exists()
+    assert "unrelated.png" in (tmp_path / "results.md").read_text()
+
+
+def store_for(out):
+    from reports import store
+
+    return store.Store(out, {"command": ["python", "compare.py"], "started": store.now(), "id": "test",
+                             "host": {}})
+
+
+def _meta(s):
+    return {"command": s.run["command"], "started": s.run["started"], "run": s.run["id"]}
+
+
+def test_an_interrupted_run_is_marked_and_keeps_what_finished(tmp_path):
+    """SIGTERM while the second report waits on a hanging backend: exit 130, results.json says
+    interrupted with the first report in it, and the hanging child is killed."""
+    out = tmp_path / "out"
+    assert _missing_jax(tmp_path, "agreement", out).returncode == 0
+    marker = tmp_path / "child.pid"
+    hang = _script(tmp_path, "hang", f"echo $$ > {marker}; exec sleep 60")
+    proc = subprocess.Popen([sys.executable, "compare.py", "conventions", "--backends", "jax",
+                             "--python", f"jax={hang}", "--out", str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(100):
+        if marker.exists() and marker.read_text().strip():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["interrupted"] is True and res["run"]["interrupted"] is True
+    assert "agreement" in res["reports"] and "conventions" not in res["reports"]
+    assert "interrupted" in err and "results.json" in err
+    pid = int(marker.read_text())
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+# -- reports catch what they exist to catch -----------------------------------------------------
+def _in_process(name, task, args, **kw):
+    """child.call without a child process, so a test can alter the backend's environment."""
     b = load_backend(name)
-    return {"result": worker.TASKS[task](b, {"backend": name, **args})}
+    return {"result": child.find_task(task)(b, {"backend": name, **args})}
+
+
+def _session(tmp_path, *argv):
+    args = compare.build_parser().parse_args([*argv, "--out", str(tmp_path)])
+    return session.Session(args, [args.report])
 
 
 def test_agreement_catches_a_backend_told_the_wrong_momentum_meaning(monkeypatch, tmp_path):
     """Tell the torch backend that native PyTorch's momentum weighs the OLD value (a classic port
     bug): its running statistics are then wrong and the agreement check must say so."""
     load_backend("torch")
-    args = compare.build_parser().parse_args(["agreement", "--backends", "torch", "--out", str(tmp_path)])
-    ctx = runner.Context(args)
-    monkeypatch.setattr(runner.Context, "call", _in_process)
+    monkeypatch.setattr(child, "call", _in_process)
     monkeypatch.setitem(spec.MOMENTUM_WEIGHS, "torch-native", OLD)
-    payload = runner.run_agreement(ctx)
-    verdict = {(r["impl"], r["dtype"]): r for r in payload["rows"] if "dtype" in r}
+    s = _session(tmp_path, "agreement", "--backends", "torch")
+    section = reports.load("agreement").run(s)
+    verdict = {(r["impl"], r["dtype"]): r for r in section.payload["rows"] if "dtype" in r}
     assert not verdict[("native", "float64")]["pass"]
     assert not verdict[("native", "float64")]["errors"]["running_mean"]["pass"]
     assert verdict[("native", "float64")]["errors"]["y"]["pass"]  # outputs are unaffected
     assert verdict[("scratch", "float64")]["pass"]
-    assert any("torch/native" in f for f in ctx.failures)
+    assert any("torch/native" in f for f in section.failures)
 
 
 def test_gpu_request_on_a_machine_without_one_says_so_per_backend(tmp_path, sample_dir):
@@ -149,9 +338,18 @@ def test_gpu_request_on_a_machine_without_one_says_so_per_backend(tmp_path, samp
         pytest.skip("a CUDA GPU is usable here")
     proc = _compare("train", "--device", "gpu", "--quick", "--epochs", "1", "--backends", "torch",
                     "--data", sample_dir, "--out", tmp_path)
-    runs = json.loads((tmp_path / "results.json").read_text())["reports"]["train"]["runs"]
+    runs = json.loads((tmp_path / "results.json").read_text())["train"]["runs"]
     assert runs and all("DeviceUnavailable" in r["error"] and "CPU-only" in r["error"] for r in runs.values())
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+
+
+def test_training_that_diverges_to_nan_fails(tmp_path, sample_dir):
+    load_backend("torch")
+    proc = _compare("train", "--lr", "1e30", "--quick", "--epochs", "1", "--backends", "torch",
+                    "--data", sample_dir, "--out", tmp_path, "--no-plots")
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert any("not finite" in f for f in res["reports"]["train"]["failures"])
 
 
 def test_python_option_runs_a_backend_under_the_named_interpreter(tmp_path):
@@ -161,9 +359,10 @@ def test_python_option_runs_a_backend_under_the_named_interpreter(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert res["backends"]["torch"]["python"] == sys.executable
     assert any(r["row"] == "torch/native" and all(c["agrees"] for c in r["check"].values())
-               for r in res["reports"]["conventions"]["rows"])
+               for r in res["conventions"]["rows"])
 
 
+# -- speed plumbing ---------------------------------------------------------------------------
 class _FakeTimer:
     """A speed timer that records when it runs; `fail_on` makes that run raise."""
 
@@ -192,7 +391,7 @@ def _fake_backend(log, fail=None, fail_on=None):
 def test_speed_runs_are_taken_round_robin_and_a_failure_stays_with_its_impl():
     log = []
     args = dict(backend="fake", device="cpu", batch_size=8, dtype="float32", steps=2, repeats=3)
-    out = worker.TASKS["speed"](_fake_backend(log, fail="scratch", fail_on=2), args)
+    out = child.find_task("speed.speed")(_fake_backend(log, fail="scratch", fail_on=2), args)
     assert log == [("scratch", 1), ("native", 1), ("scratch", 2), ("native", 2), ("native", 3)]
     assert "cannot compile" in out["broken"]["error"]
     assert "lost the device" in out["scratch"]["error"]
@@ -205,7 +404,7 @@ def _freed_block_stays(mode):
     reuse) rather than from its own mmap (glibc's mallinfo2 counts mmapped bytes)."""
     code = f"""
 import ctypes, sys
-from backends.worker import tune_allocator
+from reports.child import tune_allocator
 print(tune_allocator({mode!r}), file=sys.stderr)
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
@@ -232,7 +431,7 @@ def test_the_tuned_allocator_keeps_large_blocks_in_the_heap():
     assert stays and said.startswith("glibc malloc tuned"), said
     stays, said = _freed_block_stays("default")
     assert not stays and "default malloc" in said, said
-    assert "unknown" in worker.tune_allocator("fast")
+    assert "unknown" in child.tune_allocator("fast")
 
 
 def test_default_malloc_reaches_the_backend_processes(tmp_path):
