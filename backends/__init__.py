@@ -7,7 +7,8 @@ and never breaks the others.
 The contract every backend (`backends.<name>`, numpy in, numpy out) implements. The modules have
 the same names in every backend: `bn.py` (from-scratch `batch_norm`, the `BatchNorm` layer,
 `bn_step`, `conventions`), `lenet.py` (LeNet-BN, `lenet_train`, `lenet_eval`), `train.py`
-(training loop on the common loader, device selection).
+(training loop on the common loader), `device.py` (device selection); `epoch_line` here is
+every `fit`'s progress line.
 
 IMPLS: tuple of impl names; "scratch" and "native" in every backend (torch adds
     "scratch-analytic").
@@ -150,6 +151,13 @@ def speed_result(info: dict, runs: list[dict]) -> dict:
         out[key] = statistics.median(values)
         out[key.replace("examples_per_s", "runs")] = values
     return out
+
+
+def epoch_line(row: dict, epochs: int, device: str) -> str:
+    """One progress line per training epoch, the same for every backend's `fit` (compare.py
+    prefixes the backend/impl)."""
+    return (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, train acc {row['train_acc']:.3f}, "
+            f"test acc {row['test_acc']:.3f}, {row['examples_per_s']:,.0f} examples/s on {device}")
 
 
 def time_alone(timer, repeats) -> dict:

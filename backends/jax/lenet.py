@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from backends import DeviceUnavailable, UnsupportedSetting
+from backends import UnsupportedSetting
 from backends.jax.bn import (CONVENTION, PARAM_FIELDS, STAT_FIELDS, VARIABLE_NAMES, check_dtype,
                              check_impl, make_layer, x64_mode)
+from backends.jax.device import select_device
 from common import lenet as canon
 from common.spec import momentum_from_decay
 
@@ -106,28 +107,6 @@ def from_flax(variables, impl) -> dict:
 
 def nchw_to_nhwc(x):
     return np.moveaxis(np.asarray(x), 1, -1)
-
-
-def select_device(device="auto"):
-    """(jax.Device, description) for "auto" (a GPU when JAX sees one), "cpu" or "gpu"."""
-    if device not in ("auto", "cpu", "gpu"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
-    if device in ("auto", "gpu"):
-        try:
-            gpus = jax.devices("gpu")
-        except RuntimeError as e:
-            gpus, reason = [], str(e).splitlines()[0]
-        else:
-            reason = "jax.devices('gpu') is empty"
-        if gpus:
-            d = gpus[0]
-            kind = "cuda" if "nvidia" in d.device_kind.lower() else d.platform
-            return d, f"{kind}:{d.id} ({d.device_kind})"
-        if device == "gpu":
-            raise DeviceUnavailable(
-                f"JAX sees no GPU (backend {jax.default_backend()!r}; {reason}). Install a CUDA "
-                f"build (pip install 'jax[cuda12]') or use device='cpu'.")
-    return jax.devices("cpu")[0], "cpu"
 
 
 def build(impl, *, eps, decay, unbiased, precision=None) -> LeNetBN:

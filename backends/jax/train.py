@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from backends import positive_int, time_alone
+from backends import epoch_line, positive_int, time_alone
 from backends.jax.bn import check_dtype, check_impl, x64_mode
-from backends.jax.lenet import build, make_train_step, nchw_to_nhwc, select_device, to_flax
+from backends.jax.device import select_device
+from backends.jax.lenet import build, make_train_step, nchw_to_nhwc, to_flax
 from common import data as cdata
 from common import lenet as canon
-from common.report import epoch_line
 
 EVAL_CHUNK = 1024
 
