@@ -113,7 +113,7 @@ def test_batch_stats_unchanged_in_inference_updated_in_training(impl):
     x = rng.normal(2.0, 3.0, size=(8, 4, 4, 3))
     g, b = rng.uniform(0.5, 1.5, 3), rng.normal(0, 0.5, 3)
     rm, rv = rng.normal(0, 0.5, 3), rng.uniform(0.5, 2, 3)
-    layer = jbn.make_layer(impl)  # the impl's own default momentum
+    layer = jbn.own_layer(impl)  # the impl's own default momentum
     decay = decay_from_momentum(layer.momentum, jbn.CONVENTION[impl])
     dy = np.zeros((8, 3, 4, 4))
     with jbn.x64_mode(np.float64):
@@ -158,7 +158,7 @@ def native_running_var_error(x_nhwc, fast_variance):
     ones, zeros = np.ones(c, dt), np.zeros(c, dt)
     ref = reference_step(nhwc_to_nchw(x_nhwc), ones, zeros, zeros, ones,
                          np.zeros(nhwc_to_nchw(x_nhwc).shape), training=True, decay=0.0)
-    layer = jbn.make_layer("native", momentum=0.0, fast_variance=fast_variance)
+    layer = jbn.make_layer("native", c, 4, decay=0.0, fast_variance=fast_variance)
     with jbn.x64_mode(dt):
         v = jbn.to_variables("native", ones, zeros, zeros, ones)
         v = jax.tree_util.tree_map(jnp.asarray, v)

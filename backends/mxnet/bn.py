@@ -1,6 +1,6 @@
 """Batch norm in MXNet: the MXNet source's from-scratch `batch_norm`, a hybridizable `BatchNorm`
 layer built on it, the native `gluon.nn.BatchNorm` adapter, and `bn_step` / `conventions` /
-`probe` for the contract in `backends/__init__.py`.
+`probe` for the contract in `backends/contract.py`.
 
 One from-scratch implementation serves both imperative and hybridized use. It follows the source:
 `moving = (1 - momentum) * moving + momentum * batch` (momentum weighs the NEW batch statistic,
@@ -19,9 +19,10 @@ import mxnet as mx
 from mxnet import autograd
 from mxnet.gluon import nn
 
-from backends import UnsupportedSetting
+from backends import UnsupportedSetting, check_layer_config
 from common import spec
 from common.reference import float_dtype, validate_inputs
+
 
 IMPLS = ("scratch", "native")
 
@@ -223,20 +224,22 @@ def native_layer(num_features, **kwargs):
     return nn.BatchNorm(in_channels=num_features, **kwargs)
 
 
-def make_layer(impl, num_features, num_dims, *, eps, decay, unbiased):
-    """A fresh layer of `impl` configured from canonical (eps, decay, unbiased)."""
+def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None):
+    """The contract's make_layer (backends/contract.py): a fresh layer of `impl` configured from
+    canonical (eps, decay, unbiased); `unbiased=None` keeps the impl's own (biased) estimator."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+    num_features = check_layer_config(num_features, num_dims, eps, decay)
     if impl == "scratch":
         return BatchNorm(num_features, num_dims, eps=eps,
                          momentum=spec.momentum_from_decay(decay, "mxnet-source"),
-                         unbiased=unbiased)
-    if impl == "native":
-        if unbiased:
-            raise UnsupportedSetting(
-                "MXNet's native BatchNorm updates running_var with the biased (÷m) variance on "
-                "CPU (the cuDNN path uses ÷(m-1)); unbiased=True cannot be expressed")
-        return native_layer(num_features, momentum=spec.momentum_from_decay(decay, "mxnet-native"),
-                            epsilon=eps)
-    raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+                         unbiased=bool(unbiased))
+    if unbiased:
+        raise UnsupportedSetting(
+            "MXNet's native BatchNorm updates running_var with the biased (÷m) variance on "
+            "CPU (the cuDNN path uses ÷(m-1)); unbiased=True cannot be expressed")
+    return native_layer(num_features, momentum=spec.momentum_from_decay(decay, "mxnet-native"),
+                        epsilon=eps)
 
 
 def _stats(layer):

@@ -133,7 +133,7 @@ def fit(data, *, impl, epochs, batch_size=canonical.DEFAULT_BATCH_SIZE, lr=canon
 
 
 class SpeedTimer:
-    """The contract's speed timer (backends/__init__.py): `fit`'s step on a seeded synthetic
+    """The contract's speed timer (backends/contract.py): `fit`'s step on a seeded synthetic
     Fashion-MNIST-shaped batch resident on the device, warmed up on creation."""
 
     def __init__(self, *, impl, device="auto", batch_size=canonical.DEFAULT_BATCH_SIZE,
@@ -163,7 +163,7 @@ speed_timer = SpeedTimer
 
 def speed(*, impl, device="auto", batch_size=canonical.DEFAULT_BATCH_SIZE, dtype="float32",
           steps=50, repeats=5) -> dict:
-    """Training-step throughput (contract in backends/__init__.py): `repeats` runs of a
+    """Training-step throughput (contract in backends/contract.py): `repeats` runs of a
     `SpeedTimer`."""
     return time_alone(SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype,
                                  steps=steps), repeats)

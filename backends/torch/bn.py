@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from backends import UnsupportedSetting
+from backends import UnsupportedSetting, check_layer_config
 from common import spec
 from common.reference import float_dtype, validate_inputs
+
 
 IMPLS = ("scratch", "scratch-analytic", "native")
 # What decides training vs inference: module.training, or the source's torch.is_grad_enabled().
@@ -241,11 +242,13 @@ def check_impl(impl):
         raise ValueError(f"unknown torch impl {impl!r}; choose from {', '.join(IMPLS)}")
 
 
-def make_layer(impl, num_features, num_dims, *, eps, decay, unbiased=None, device=None,
+def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None, device=None,
                dtype=None) -> nn.Module:
-    """A training-ready layer of `impl` for canonical `decay`; `unbiased=None` keeps the impl's
-    own running-variance convention. Native BN cannot take the biased setting."""
+    """The contract's make_layer (backends/contract.py): a training-ready layer of `impl` for
+    canonical `decay`; `unbiased=None` keeps the impl's own running-variance convention. Native
+    BN cannot take the biased setting. `device`, `dtype`: torch factory options."""
     check_impl(impl)
+    num_features = check_layer_config(num_features, num_dims, eps, decay)
     momentum = spec.momentum_from_decay(decay, CONVENTION[impl])
     factory = dict(device=device, dtype=dtype)
     if impl == "native":
@@ -267,7 +270,7 @@ def gamma_beta(layer):
 
 def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
             unbiased=False, impl="scratch") -> dict:
-    """One batch-norm step of `impl` (contract in backends/__init__.py), in x's dtype."""
+    """One batch-norm step of `impl` (contract in backends/contract.py), in x's dtype."""
     validate_inputs(x, gamma, beta, running_mean, running_var, dy,
                     training=training, eps=eps, decay=decay)
     check_impl(impl)

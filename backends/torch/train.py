@@ -58,7 +58,7 @@ def _correct(model, x, y) -> torch.Tensor:
 
 def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dtype="float32",
         eps=1e-5, decay=0.9, params=None, progress=None) -> dict:
-    """Train LeNet-BN with `impl` on `data` (see backends/__init__.py for the contract).
+    """Train LeNet-BN with `impl` on `data` (see backends/contract.py for the contract).
 
     examples_per_s counts only the training steps of each epoch, timed between device
     synchronisations; test accuracy is measured after each epoch and not timed."""
@@ -198,7 +198,7 @@ PATH_NAMES = {("cuda", "eager"): "eager, data on the GPU", ("cpu", "eager"): "ea
 
 
 class SpeedTimer:
-    """The contract's speed timer (see backends/__init__.py): built, compiled/captured and
+    """The contract's speed timer (see backends/contract.py): built, compiled/captured and
     warmed up on creation; `run()` times `steps` steps.
 
     Synthetic Fashion-MNIST-shaped data (seeded NumPy, pixels in [0, 1), SPEED_BATCHES batches)
@@ -293,7 +293,7 @@ speed_timer = SpeedTimer
 
 def speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5,
           path="auto", seed=0) -> dict:
-    """Training-step throughput of LeNet-BN with `impl` (contract in backends/__init__.py):
+    """Training-step throughput of LeNet-BN with `impl` (contract in backends/contract.py):
     `repeats` runs of a `SpeedTimer`."""
     return time_alone(SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype,
                                  steps=steps, path=path, seed=seed), repeats)
