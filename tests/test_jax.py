@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO, load_backend  # noqa: E402
+from conftest import REPO, TEXTBOOK_CASES, assert_matches_textbook, load_backend  # noqa: E402
 
 jb = load_backend("jax")  # fails, or skips with the reason if allowed (conftest)
 import flax  # noqa: E402
@@ -103,6 +103,46 @@ def test_batch_norm_statistics_are_per_channel_in_nhwc():
 
 def test_the_per_channel_check_catches_nchw_axes_on_nhwc():
     assert per_channel_error(d2l_published_batch_norm) > 1.0
+
+
+def _vjp(fn, case, params_shape):
+    """fn(x, gamma, beta, moving_mean, moving_var) -> (y, moving_mean, moving_var) on the
+    channels-last float64 form of an NCHW case (params reshaped to `params_shape`), with
+    jax.vjp at case["dy"]: {y, dx (NCHW), dgamma, dbeta, running_mean, running_var (C,)}."""
+    with jbn.x64_mode(np.float64):
+        x, dy = (jnp.asarray(jlenet.nchw_to_nhwc(case[k])) for k in ("x", "dy"))
+        g, b, rm, rv = (jnp.asarray(case[k]).reshape(params_shape)
+                        for k in ("gamma", "beta", "running_mean", "running_var"))
+
+        def forward(x, g, b):
+            y, mm, mv = fn(x, g, b, rm, rv)
+            return y, (mm, mv)
+
+        y, vjp, (mm, mv) = jax.vjp(forward, x, g, b, has_aux=True)
+        dx, dg, db = vjp(dy)
+        out = dict(y=nhwc_to_nchw(y), dx=nhwc_to_nchw(dx), dgamma=dg.reshape(-1),
+                   dbeta=db.reshape(-1), running_mean=mm.reshape(-1), running_var=mv.reshape(-1))
+        return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("shape, mean", TEXTBOOK_CASES.values(), ids=TEXTBOOK_CASES.keys())
+def test_every_scratch_impl_equals_the_textbook_formulation(shape, mean, training):
+    """`batch_norm` and the Flax `BatchNorm` module that make_layer builds (through bn_step)
+    compute what `textbook_batch_norm` computes: y, dx, dgamma, dbeta (vjp) and the moving
+    statistics, channels-last, in training and in prediction (`deterministic`)."""
+    case = random_case(shape, seed=13, mean=mean)
+    momentum = 0.7  # the source's meaning: weight on the old value (canonical decay)
+    source_shape = (1,) * (len(shape) - 1) + (-1,)  # (1, C) or (1, 1, 1, C)
+    want = _vjp(lambda *a: jbn.textbook_batch_norm(a[0], not training, *a[1:], 1e-5, momentum),
+                case, source_shape)
+    moved = np.max(np.abs(want["running_mean"] - case["running_mean"]))
+    assert moved > 1e-3 if training else moved == 0
+    runs = {"batch_norm()": _vjp(lambda *a: jbn.batch_norm(*a, 1e-5, momentum, training), case,
+                                 (-1,)),
+            "scratch": jb.bn_step(**case, training=training, decay=momentum, impl="scratch"),
+            "reference": reference_step(**case, training=training, decay=momentum)}
+    assert_matches_textbook(runs, want, mean)
 
 
 # --- Flax modules: the batch_stats collection ---------------------------------------------------

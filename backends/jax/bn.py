@@ -1,5 +1,7 @@
-"""Batch normalization in JAX/Flax: the from-scratch `batch_norm` and `BatchNorm` module, the
-`flax.linen.BatchNorm` adapter, and the contract's `bn_step`, `conventions` and `probe`.
+"""Batch normalization in JAX/Flax: the d2l JAX source's batch norm first as a learner reads it
+(`textbook_batch_norm`), then the same algorithm as this backend runs it (`batch_norm`, the
+`BatchNorm` module), the `flax.linen.BatchNorm` adapter, and the contract's `make_layer`,
+`bn_step`, `conventions` and `probe`.
 
 Flax is channels-last: the feature axis is the LAST one (NHWC, or N×C), so per-channel
 statistics reduce over every axis but the last. The contract's arrays are NCHW; `bn_step` and
@@ -22,6 +24,31 @@ import numpy as np
 from backends import UnsupportedSetting, check_layer_config
 from common.reference import float_dtype as check_dtype, validate_inputs
 from common.spec import OLD, momentum_from_decay
+
+
+def textbook_batch_norm(X, deterministic, gamma, beta, moving_mean, moving_var, eps, momentum):
+    """The d2l JAX source's batch norm, as a learner reads it, channels-last; `batch_norm` below
+    computes the same (tests/test_jax.py holds it to it). gamma, beta and the moving statistics
+    are arrays of the broadcast shape (1, C) or (1, 1, 1, C). Returns (Y, moving_mean,
+    moving_var). One change from the published code: it reduced an NHWC tensor over axes
+    (0, 2, 3), PyTorch's NCHW axes, which mixes width and channels; per channel, in NHWC, is
+    over (0, 1, 2)."""
+    if deterministic:  # prediction mode: the moving statistics
+        X_hat = (X - moving_mean) / jnp.sqrt(moving_var + eps)
+    else:
+        if X.ndim not in (2, 4):
+            raise ValueError(f"batch norm takes 2-D or 4-D input, got {X.ndim}-D")
+        if X.ndim == 2:  # fully connected: one mean and variance per feature
+            mean = X.mean(axis=0)
+            var = ((X - mean) ** 2).mean(axis=0)
+        else:  # convolution, NHWC: per channel, over batch, height and width
+            mean = X.mean(axis=(0, 1, 2), keepdims=True)
+            var = ((X - mean) ** 2).mean(axis=(0, 1, 2), keepdims=True)
+        X_hat = (X - mean) / jnp.sqrt(var + eps)  # the biased (÷m) batch variance
+        moving_mean = momentum * moving_mean + (1.0 - momentum) * mean  # momentum weighs the OLD
+        moving_var = momentum * moving_var + (1.0 - momentum) * var
+    Y = gamma * X_hat + beta  # scale and shift
+    return Y, moving_mean, moving_var
 
 
 IMPLS = ("scratch", "native")

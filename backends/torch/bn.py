@@ -1,11 +1,12 @@
-"""Batch normalization in PyTorch: from scratch (autograd and closed-form backward), the
-`BatchNorm` layer, the native `nn.BatchNorm1d/2d` adapter, `bn_step`, `conventions`, `probe`.
+"""Batch normalization in PyTorch: the textbook formulation of the d2l PyTorch source first,
+then the same algorithm tuned for speed (autograd and closed-form backward), the `BatchNorm`
+layer, the native `nn.BatchNorm1d/2d` adapter, `make_layer`, `bn_step`, `conventions`, `probe`.
 
-The from-scratch code follows the d2l PyTorch source: `moving = momentum * moving + (1 - momentum)
-* batch` (momentum weighs the OLD running value, i.e. it is the canonical decay) and the biased
-batch variance. Two things differ from the source, on purpose: the mode is an explicit argument
-(the source's `torch.is_grad_enabled()` test is kept as `source_batch_norm` and
-`BatchNorm(mode="grad_enabled")` to show that it ignores `model.eval()`), and the running
+The source: `moving = momentum * moving + (1 - momentum) * batch` (momentum weighs the OLD running
+value, i.e. it is the canonical decay) and the biased batch variance. Two things differ from the
+source in the layer, on purpose: the mode is an explicit argument (the source's
+`torch.is_grad_enabled()` test is kept in `textbook_batch_norm` and as
+`BatchNorm(mode="grad_enabled")`, to show that it ignores `model.eval()`), and the running
 statistics are registered buffers, so `state_dict()` saves them and `.to()` moves them.
 """
 from __future__ import annotations
@@ -18,6 +19,28 @@ from torch.autograd.function import once_differentiable
 from backends import UnsupportedSetting, check_layer_config
 from common import spec
 from common.reference import float_dtype, validate_inputs
+
+
+def textbook_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
+    """The d2l PyTorch source's batch norm, as a learner reads it; the kernels below compute the
+    same (tests/test_torch.py holds them to it). gamma, beta and the moving statistics have the
+    broadcast shape (1, C) or (1, C, 1, 1). Returns (Y, moving_mean, moving_var)."""
+    if not torch.is_grad_enabled():  # the source's test for prediction mode
+        X_hat = (X - moving_mean) / torch.sqrt(moving_var + eps)
+    else:
+        if X.dim() not in (2, 4):
+            raise ValueError(f"batch norm takes 2-D or 4-D input, got {X.dim()}-D")
+        if X.dim() == 2:  # fully connected: one mean and variance per feature
+            mean = X.mean(dim=0)
+            var = ((X - mean) ** 2).mean(dim=0)
+        else:  # convolution: per channel, over batch, height and width (shape kept to broadcast)
+            mean = X.mean(dim=(0, 2, 3), keepdim=True)
+            var = ((X - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        X_hat = (X - mean) / torch.sqrt(var + eps)  # the biased (÷m) batch variance
+        moving_mean = momentum * moving_mean + (1.0 - momentum) * mean  # momentum weighs the OLD
+        moving_var = momentum * moving_var + (1.0 - momentum) * var
+    Y = gamma * X_hat + beta  # scale and shift
+    return Y, moving_mean.detach(), moving_var.detach()
 
 
 IMPLS = ("scratch", "scratch-analytic", "native")
@@ -113,13 +136,6 @@ def _scratch_train(X, gamma, beta, eps):
     else:  # see BatchNormFunction: a multiply and an in-place add beat one addcmul on CPU
         Y = (Xc * scale).add_(beta.reshape(shape))
     return Y, mean.view(-1), var.view(-1)
-
-
-def source_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
-    """The source's signature and mode test: training iff `torch.is_grad_enabled()`, whatever
-    `module.training` says (so `model.eval()` alone does not switch to running statistics)."""
-    return batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum,
-                      training=torch.is_grad_enabled())
 
 
 class BatchNormFunction(torch.autograd.Function):
