@@ -1,81 +1,23 @@
-"""Backend registry: one subpackage per framework, imported only when asked for.
+"""Backend registry: one subpackage per framework, imported only when asked for, and the helpers
+the backends share.
 
 Rules (after einops' `_backends.py`): importing this package imports no framework; a backend whose
 framework is missing or broken is reported *unavailable, with the reason and the install hint*,
 and never breaks the others.
 
-The contract every backend (`backends.<name>`, numpy in, numpy out) implements. The modules have
-the same names in every backend: `bn.py` (from-scratch `batch_norm`, the `BatchNorm` layer,
-`bn_step`, `conventions`), `lenet.py` (LeNet-BN, `lenet_train`, `lenet_eval`), `train.py`
-(training loop on the common loader, device selection).
-
-IMPLS: tuple of impl names; "scratch" and "native" in every backend (torch adds
-    "scratch-analytic").
-
-bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
-        unbiased=False, impl="scratch") -> dict
-    The signature and return dict of `common.reference.bn_step` (y, dx, dgamma, dbeta,
-    running_mean, running_var), computed by `impl` in the input's dtype (float32 or float64).
-    `decay` is canonical (`common.spec`) and translated to the impl's own `momentum`. A setting
-    the impl cannot express raises `UnsupportedSetting` (a ValueError) instead of computing
-    something else; bad shapes raise ValueError (`common.reference.validate_inputs`).
-
-conventions() -> {impl: {field: value for field in common.spec.CONVENTION_FIELDS}}
-    For "native", defaults read from the installed framework, not hard-coded.
-
-lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None, dtype="float64",
-            device="cpu") -> {"losses": [float per step], "params": canonical dict}
-    Plain SGD on cross-entropy from the canonical parameter dict (`common.lenet`) over
-    `batches`, an iterable of (x N×1×28×28 float, y int) NumPy pairs. `unbiased=None` keeps the
-    impl's own running-variance convention.
-
-lenet_eval(params, x, *, impl, dtype="float64", device="cpu") -> logits (N×10 NumPy array)
-    Inference mode: running statistics.
-
-fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dtype="float32",
-    eps=1e-5, decay=0.9, params=None, progress=None) -> dict
-    (in train.py) Trains LeNet-BN on `data` (a `common.data.Dataset`: NCHW float train/test
-    arrays) with minibatches from `common.data.batch_indices(n, batch_size, seed=seed,
-    epoch=e)`, so every backend sees the same batches in the same order. `device`: "auto" (the
-    GPU where this backend can use one), "cpu" or "gpu" (raises DeviceUnavailable, with a clear
-    reason, if it cannot). `progress(str)` gets a line per epoch. Returns {"device": description
-    of the device actually used, "history": [{"epoch", "loss", "train_acc", "test_acc",
-    "examples_per_s", "seconds"}], "final_loss", "train_acc", "test_acc", "examples_per_s",
-    "wall_s"}; examples_per_s counts training steps only.
-
-probe(impl, x, *, momentum=None, eps=None) -> dict
-    Evidence for conventions(): a fresh layer of `impl` built with its OWN defaults (momentum and
-    eps overridden only when given, in the impl's own meaning) runs one training step on `x`
-    (N×C×H×W float64 NumPy; converted to the impl's layout inside) with upstream gradient ones.
-    Returns {"momentum": used, "eps": used, "initial": stats, "after_forward": stats,
-    "after_backward": stats, "y": output in NCHW}, stats = {"running_mean", "running_var"}.
-    `common.conventions.infer` turns this into the convention fields, so the conventions table
-    is an experiment, not a claim.
-
-speed_timer(*, impl, device="auto", batch_size=256, dtype="float32", steps=50) -> timer
-    (in train.py) Training-step throughput of LeNet-BN on the fastest path this backend has for
-    `impl` on `device` (data resident on the device, compiled/fused steps where the framework
-    offers them), on synthetic Fashion-MNIST-shaped data. Creating the timer builds, compiles and
-    warms up; `timer.info` is {"compile_s": those seconds, "device": description, "path": what
-    is timed (e.g. "CUDA graph", "jit + lax.scan", "eager"), ...}; `timer.run()` times `steps`
-    steps with proper synchronisation and returns {"examples_per_s": ..., ...}. compare.py
-    creates every impl's timer and then takes the runs round-robin, so that a slow spell of a
-    shared machine hits every impl alike and the scratch/native ratio is measured fairly. The
-    fast path must give the same losses as the plain `lenet_train` path (tested).
-
-speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5) -> dict
-    (in train.py) One impl alone: `time_alone(speed_timer(...), repeats)`.
-
-exact_numerics() -> None
-    Turn off TF32 and reduced-precision matmuls in this process (for agreement/trajectory runs on
-    a GPU). A no-op where the framework has none.
-
-versions() -> {package: version} of the framework packages this backend uses.
+Every backend (`backends.<name>`, NumPy in, NumPy out) has the same modules: `bn.py` (the
+textbook formulation of its source, the from-scratch kernels, the `BatchNorm` layer, `make_layer`,
+`bn_step`, `conventions`, `probe`), `lenet.py` (LeNet-BN, `lenet_train`, `lenet_eval`),
+`device.py` (device selection) and `train.py` (`fit`, `speed_timer`, `speed`). What a backend
+exports, with every signature and its meaning, is written once, as code, in `backends/contract.py`
+(`contract.check(module)` lists where a module departs from it).
 """
 from __future__ import annotations
 
 import importlib
 import statistics
+
+from common.spec import BNSpec  # framework-free
 
 _NAMES = ("torch", "mxnet", "jax")
 
@@ -138,6 +80,16 @@ def positive_int(name: str, v) -> int:
     return int(v)
 
 
+def check_layer_config(num_features, num_dims, eps, decay) -> int:
+    """Every backend's `make_layer` arguments checked alike: `num_features` (returned as an int)
+    >= 1, `num_dims` 2 or 4, `eps` and `decay` through `common.spec.BNSpec`; else ValueError."""
+    num_features = positive_int("num_features", num_features)
+    if num_dims not in (2, 4):
+        raise ValueError(f"num_dims must be 2 or 4, got {num_dims!r}")
+    BNSpec(eps=eps, decay=decay)
+    return num_features
+
+
 def speed_result(info: dict, runs: list[dict]) -> dict:
     """A speed record from a timer's `info` and its `run()` results: each measured key's median
     (e.g. "examples_per_s") with the list of runs beside it ("runs"; "eager_runs" for
@@ -150,6 +102,13 @@ def speed_result(info: dict, runs: list[dict]) -> dict:
         out[key] = statistics.median(values)
         out[key.replace("examples_per_s", "runs")] = values
     return out
+
+
+def epoch_line(row: dict, epochs: int, device: str) -> str:
+    """One progress line per training epoch, the same for every backend's `fit` (compare.py
+    prefixes the backend/impl)."""
+    return (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, train acc {row['train_acc']:.3f}, "
+            f"test acc {row['test_acc']:.3f}, {row['examples_per_s']:,.0f} examples/s on {device}")
 
 
 def time_alone(timer, repeats) -> dict:

@@ -1,13 +1,19 @@
-"""Every backend × impl against the float64 reference, through the one contract.
+"""Every backend conforms to the contract (backends/contract.py), signatures included, and every
+backend × impl agrees with the float64 reference through it.
 
 Tolerances: float64 max abs error ≤ 1e-10 (the reference and a float64 implementation differ
 only in summation order, ~1e-14 relative on these sizes); float32 ≤ 1e-5 relative to the
 largest reference magnitude (float32 epsilon is 1.2e-7; sums over up to a few hundred elements).
 """
+import functools
+import types
+from typing import Protocol
+
 import numpy as np
 import pytest
 
 import backends
+from backends import contract
 from common import conventions as conv
 from common import data, lenet
 from common.spec import CONVENTION_FIELDS, effective_decay
@@ -18,6 +24,154 @@ SHAPES = {"2d": (16, 5), "4d": (4, 3, 5, 6), "small-batch": (2, 4)}
 SETTINGS = [(0.9, 1e-5), (0.1, 1e-3), (0.99, 1e-2)]  # (decay, eps)
 CASES = backend_impls()
 
+
+# --- the contract as code ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", backends.names())
+def test_backend_conforms_to_the_contract(name):
+    b = load_backend(name)
+    assert contract.check(b) == []
+    exported = {n for n in contract.names() if hasattr(b, n)}  # optional members only if there
+    assert exported <= set(b.__all__), "the contract is the backend's public API"
+
+
+def conforming_fake(protocol=contract.Backend) -> types.ModuleType:
+    """A module whose functions are the contract's own stubs (their `self` bound away)."""
+    fake = types.ModuleType("fake_backend")
+    fake.IMPLS = ("scratch", "native")
+    for name, stub in contract.functions(protocol).items():
+        if not contract.is_optional(stub):
+            setattr(fake, name, functools.partial(stub, None))
+    return fake
+
+
+def _speed_with_an_option(*, impl, device="auto", batch_size=256, dtype="float32", steps=50,
+                          repeats=5, path="auto"):
+    """torch's speed: an extra keyword-only option with a default, which the contract allows."""
+
+
+def test_a_fake_built_from_the_contract_conforms():
+    fake = conforming_fake()
+    assert contract.check(fake) == []
+    assert contract.names() == ["IMPLS", *contract.functions()]
+    fake.speed = _speed_with_an_option
+    fake.IMPLS = ("scratch", "scratch-analytic", "native")
+    assert contract.check(fake) == []
+
+
+def _bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-3, decay=0.9,
+             unbiased=False, impl="scratch"):
+    """eps default 1e-3 (Keras' and MXNet's operator default) instead of 1e-5."""
+
+
+# One lie each (member, replacement, the problem check() must report, alone).
+WRONG = {
+    "missing function": ("fit", None, ["fit: missing"]),
+    "framework momentum instead of canonical decay (jax's make_layer before)": (
+        "make_layer", lambda impl, *, momentum=None, eps=None, unbiased=False: None,
+        ["make_layer: missing parameter(s) num_features, num_dims, decay",
+         "make_layer: parameter 'eps' has default None, the contract's has default 1e-05",
+         "make_layer: parameter 'unbiased' has default False, the contract's has default None"]),
+    "wrong default": ("bn_step", _bn_step,
+                      ["bn_step: parameter 'eps' has default 0.001, the contract's has default "
+                       "1e-05"]),
+    "wrong order": ("probe", lambda x, impl, *, momentum=None, eps=None: None,
+                    ["probe: parameter order (x, impl, momentum, eps), the contract's is (impl, x, "
+                     "momentum, eps)"]),
+    "wrong kind": ("lenet_eval", lambda params, x, impl, *, dtype="float64", device="cpu": None,
+                   ["lenet_eval: parameter 'impl' is positional or keyword, the contract's is "
+                    "keyword-only"]),
+    "renamed": ("lenet_train", lambda params, batches, *, lr, impl, eps=1e-5, momentum=0.9,
+                unbiased=None, dtype="float64", device="cpu": None,
+                ["lenet_train: missing parameter(s) decay"]),  # momentum=0.9 alone: an option
+    "extra without default": (
+        "speed_timer", lambda *, impl, device="auto", batch_size=256, dtype="float32", steps=50,
+        path: None,
+        ["speed_timer: extra parameter 'path' (keyword-only, no default): only keyword-only "
+         "parameters with a default may be added"]),
+    "swallows anything": ("speed", lambda *, impl, **options: None,
+                          ["speed: missing parameter(s) device, batch_size, dtype, steps, repeats",
+                           "speed: extra parameter 'options' (variadic keyword, no default): only "
+                           "keyword-only parameters with a default may be added"]),
+    "int default for a float": ("fit", lambda data, *, impl, epochs, batch_size=256, lr=1, seed=0,
+                                device="auto", dtype="float32", eps=1e-5, decay=0.9, params=None,
+                                progress=None: None,
+                                ["fit: parameter 'lr' has default 1, the contract's has default "
+                                 "1.0"]),
+    "not a function": ("versions", {"torch": "2.13.0"},
+                       ["versions: is a dict, not a function"]),
+    "no signature": ("conventions", dict, None),  # None: inspect's own words follow the prefix
+    "IMPLS lacks native": ("IMPLS", ("scratch",),
+                           ["IMPLS: lacks 'native' (every backend has scratch and native), got "
+                            "('scratch',)"]),
+    "IMPLS not a tuple": ("IMPLS", ["scratch", "native"],
+                          ["IMPLS: is a list, the contract's is tuple[str, ...]"]),
+    "IMPLS empty": ("IMPLS", (), ["IMPLS: must be a non-empty tuple[str, ...], got ()"]),
+}
+
+
+@pytest.mark.parametrize("lie", WRONG.values(), ids=WRONG.keys())
+def test_check_reports_each_departure_from_the_contract(lie):
+    member, replacement, expected = lie
+    fake = conforming_fake()
+    if replacement is None:
+        delattr(fake, member)
+    else:
+        setattr(fake, member, replacement)
+    problems = contract.check(fake)
+    if expected is None:
+        assert len(problems) == 1, problems
+        assert problems[0].startswith(f"{member}: has no inspectable signature ("), problems
+    else:
+        assert problems == expected
+
+
+class Extended(contract.Backend, Protocol):
+    """The contract as a parallel branch extends it: one required stub, one optional."""
+
+    def lenet_layers(self, params, x, *, impl, dtype="float64") -> dict:
+        """Named activations of LeNet-BN."""
+
+    @contract.optional
+    def save_checkpoint(self, params, path, *, impl, bn_config) -> None:
+        """Only some backends have it yet."""
+
+
+def test_an_extension_is_one_stub_and_optional_members_are_checked_only_when_present():
+    fake = conforming_fake()
+    assert contract.check(fake, Extended) == ["lenet_layers: missing"]
+    assert contract.check(conforming_fake(Extended), Extended) == []  # save_checkpoint absent
+    assert contract.names(Extended)[-2:] == ["lenet_layers", "save_checkpoint"]
+    assert "save_checkpoint" not in contract.names(Extended, include_optional=False)
+    fake = conforming_fake(Extended)
+    fake.save_checkpoint = lambda params, path, *, impl: None
+    assert contract.check(fake, Extended) == ["save_checkpoint: missing parameter(s) bn_config"]
+    fake.save_checkpoint = lambda params, path, *, impl, bn_config, compress=False: None
+    assert contract.check(fake, Extended) == []
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+def test_make_layer_takes_canonical_terms_and_refuses_bad_ones(name, impl):
+    b = load_backend(name)
+    b.make_layer(impl, 3, 4)  # the defaults: canonical decay 0.9, eps 1e-5, the impl's own estimator
+    b.make_layer(impl, 3, 2, eps=1e-3, decay=0.5)
+    for bad, match in ((dict(num_features=0), "num_features"), (dict(num_features=2.5), "num_features"),
+                       (dict(num_dims=3), "num_dims"), (dict(decay=1.5), "decay"),
+                       (dict(eps=0.0), "eps")):
+        args = {"num_features": 3, "num_dims": 4, **bad}
+        with pytest.raises(ValueError, match=match):
+            b.make_layer(impl, args.pop("num_features"), args.pop("num_dims"), **args)
+    with pytest.raises(ValueError, match="impl"):
+        b.make_layer("no-such-impl", 3, 4)
+
+
+def test_epoch_line_is_one_line_the_same_for_every_backend():
+    row = dict(epoch=2, loss=0.123456, train_acc=0.9, test_acc=0.85, examples_per_s=12345.6)
+    assert backends.epoch_line(row, 10, "cpu") == (
+        "epoch 2/10: loss 0.1235, train acc 0.900, test acc 0.850, 12,346 examples/s on cpu")
+
+
+# --- every backend × impl against the reference --------------------------------------------------
 
 def assert_close(out, ref, dtype, keys=RESULT_KEYS, label=""):
     for k in keys:

@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO, load_backend  # noqa: E402
+from conftest import REPO, TEXTBOOK_CASES, assert_matches_textbook, load_backend  # noqa: E402
 
 jb = load_backend("jax")  # fails, or skips with the reason if allowed (conftest)
 import flax  # noqa: E402
@@ -22,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import backends  # noqa: E402
 from backends.jax import bn as jbn  # noqa: E402
+from backends.jax import device as jdevice  # noqa: E402
 from backends.jax import lenet as jlenet  # noqa: E402
 from common import data, lenet  # noqa: E402
 from common.reference import bn_step as reference_step, random_case  # noqa: E402
@@ -104,6 +105,46 @@ def test_the_per_channel_check_catches_nchw_axes_on_nhwc():
     assert per_channel_error(d2l_published_batch_norm) > 1.0
 
 
+def _vjp(fn, case, params_shape):
+    """fn(x, gamma, beta, moving_mean, moving_var) -> (y, moving_mean, moving_var) on the
+    channels-last float64 form of an NCHW case (params reshaped to `params_shape`), with
+    jax.vjp at case["dy"]: {y, dx (NCHW), dgamma, dbeta, running_mean, running_var (C,)}."""
+    with jbn.x64_mode(np.float64):
+        x, dy = (jnp.asarray(jlenet.nchw_to_nhwc(case[k])) for k in ("x", "dy"))
+        g, b, rm, rv = (jnp.asarray(case[k]).reshape(params_shape)
+                        for k in ("gamma", "beta", "running_mean", "running_var"))
+
+        def forward(x, g, b):
+            y, mm, mv = fn(x, g, b, rm, rv)
+            return y, (mm, mv)
+
+        y, vjp, (mm, mv) = jax.vjp(forward, x, g, b, has_aux=True)
+        dx, dg, db = vjp(dy)
+        out = dict(y=nhwc_to_nchw(y), dx=nhwc_to_nchw(dx), dgamma=dg.reshape(-1),
+                   dbeta=db.reshape(-1), running_mean=mm.reshape(-1), running_var=mv.reshape(-1))
+        return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("shape, mean", TEXTBOOK_CASES.values(), ids=TEXTBOOK_CASES.keys())
+def test_every_scratch_impl_equals_the_textbook_formulation(shape, mean, training):
+    """`batch_norm` and the Flax `BatchNorm` module that make_layer builds (through bn_step)
+    compute what `textbook_batch_norm` computes: y, dx, dgamma, dbeta (vjp) and the moving
+    statistics, channels-last, in training and in prediction (`deterministic`)."""
+    case = random_case(shape, seed=13, mean=mean)
+    momentum = 0.7  # the source's meaning: weight on the old value (canonical decay)
+    source_shape = (1,) * (len(shape) - 1) + (-1,)  # (1, C) or (1, 1, 1, C)
+    want = _vjp(lambda *a: jbn.textbook_batch_norm(a[0], not training, *a[1:], 1e-5, momentum),
+                case, source_shape)
+    moved = np.max(np.abs(want["running_mean"] - case["running_mean"]))
+    assert moved > 1e-3 if training else moved == 0
+    runs = {"batch_norm()": _vjp(lambda *a: jbn.batch_norm(*a, 1e-5, momentum, training), case,
+                                 (-1,)),
+            "scratch": jb.bn_step(**case, training=training, decay=momentum, impl="scratch"),
+            "reference": reference_step(**case, training=training, decay=momentum)}
+    assert_matches_textbook(runs, want, mean)
+
+
 # --- Flax modules: the batch_stats collection ---------------------------------------------------
 
 @pytest.mark.parametrize("impl", jb.IMPLS)
@@ -112,7 +153,7 @@ def test_batch_stats_unchanged_in_inference_updated_in_training(impl):
     x = rng.normal(2.0, 3.0, size=(8, 4, 4, 3))
     g, b = rng.uniform(0.5, 1.5, 3), rng.normal(0, 0.5, 3)
     rm, rv = rng.normal(0, 0.5, 3), rng.uniform(0.5, 2, 3)
-    layer = jbn.make_layer(impl)  # the impl's own default momentum
+    layer = jbn.own_layer(impl)  # the impl's own default momentum
     decay = decay_from_momentum(layer.momentum, jbn.CONVENTION[impl])
     dy = np.zeros((8, 3, 4, 4))
     with jbn.x64_mode(np.float64):
@@ -157,7 +198,7 @@ def native_running_var_error(x_nhwc, fast_variance):
     ones, zeros = np.ones(c, dt), np.zeros(c, dt)
     ref = reference_step(nhwc_to_nchw(x_nhwc), ones, zeros, zeros, ones,
                          np.zeros(nhwc_to_nchw(x_nhwc).shape), training=True, decay=0.0)
-    layer = jbn.make_layer("native", momentum=0.0, fast_variance=fast_variance)
+    layer = jbn.make_layer("native", c, 4, decay=0.0, fast_variance=fast_variance)
     with jbn.x64_mode(dt):
         v = jbn.to_variables("native", ones, zeros, zeros, ones)
         v = jax.tree_util.tree_map(jnp.asarray, v)
@@ -319,7 +360,7 @@ def test_short_training_run_learns(sample_dir):
 
 def test_gpu_request_without_gpu_raises_device_unavailable():
     if any(d.platform == "gpu" for d in jax.devices()):
-        assert jlenet.select_device("gpu")[0].platform == "gpu"
+        assert jdevice.select_device("gpu")[0].platform == "gpu"
         return
     ds = types.SimpleNamespace(
         train_x=np.zeros((4, 1, 28, 28), np.float32), train_y=np.zeros(4, np.int64),

@@ -18,7 +18,7 @@ from common import data as cdata
 from common import lenet as clenet
 from common import reference as ref
 from common import spec
-from conftest import REPO, load_backend
+from conftest import REPO, TEXTBOOK_CASES, assert_matches_textbook, load_backend
 
 mxb = load_backend("mxnet")  # fails, or skips with the reason if allowed (conftest)
 
@@ -90,6 +90,43 @@ def test_source_momentum_is_the_torch_source_with_one_minus_momentum(shape, mome
     if momentum != 0.5:  # reading momentum as the canonical decay gives other statistics
         misread = ref.bn_step(**case, training=True, eps=1e-5, decay=momentum)
         assert np.max(np.abs(mm.asnumpy() - misread["running_mean"])) > 1e-3
+
+
+def _recorded(fn, case, training, params_shape):
+    """fn(x, gamma, beta, moving_mean, moving_var) on float64 NDArrays (params reshaped to
+    `params_shape`) under autograd.record(train_mode=training), backward with case["dy"]:
+    {y, dx, dgamma, dbeta, running_mean, running_var} as NumPy, the last four as (C,)."""
+    x, g, b, mm, mv = (_nd(case[k]) for k in ("x", "gamma", "beta", "running_mean", "running_var"))
+    g, b, mm, mv = (a.reshape(params_shape) for a in (g, b, mm, mv))
+    for a in (x, g, b):
+        a.attach_grad()
+    with autograd.record(train_mode=training):
+        y, mm, mv = fn(x, g, b, mm, mv)
+    y.backward(_nd(case["dy"]), train_mode=training)
+    out = dict(y=y, dx=x.grad, dgamma=g.grad, dbeta=b.grad, running_mean=mm, running_var=mv)
+    return {k: v.asnumpy() if k in ("y", "dx") else v.asnumpy().reshape(-1)
+            for k, v in out.items()}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("shape, mean", TEXTBOOK_CASES.values(), ids=TEXTBOOK_CASES.keys())
+def test_every_scratch_impl_equals_the_textbook_formulation(shape, mean, training):
+    """The tuned `batch_norm` (imperative) and the hybridized scratch layer that make_layer
+    builds compute what `textbook_batch_norm` computes: y, dx, dgamma, dbeta and the moving
+    statistics, with the mode from autograd.is_training() in both."""
+    case = ref.random_case(shape, seed=13, mean=mean)
+    momentum = 0.3  # the source's meaning: weight on the NEW batch statistic
+    decay = spec.decay_from_momentum(momentum, "mxnet-source")  # 0.7 kept on the old value
+    source_shape = (1, -1) + (1,) * (len(shape) - 2)
+    want = _recorded(lambda *a: mbn.textbook_batch_norm(*a, 1e-5, momentum), case, training,
+                     source_shape)
+    moved = np.max(np.abs(want["running_mean"] - case["running_mean"]))
+    assert moved > 1e-3 if training else moved == 0
+    runs = {"batch_norm()": _recorded(lambda *a: mbn.batch_norm(*a, 1e-5, momentum), case,
+                                      training, (-1,)),
+            "scratch": mxb.bn_step(**case, training=training, decay=decay),
+            "reference": ref.bn_step(**case, training=training, decay=decay)}  # the textbook too
+    assert_matches_textbook(runs, want, mean)
 
 
 def _ema_closed_form(r0, stats, decay):

@@ -6,7 +6,7 @@ code under test."""
 import numpy as np
 import pytest
 
-from conftest import load_backend
+from conftest import TEXTBOOK_CASES, assert_matches_textbook, load_backend
 
 tb = load_backend("torch")  # fails, or skips with the reason if allowed (conftest)
 import torch  # noqa: E402
@@ -40,6 +40,64 @@ def _layer(case, **kw):
         layer.running_mean.copy_(_t(case["running_mean"]))
         layer.running_var.copy_(_t(case["running_var"]))
     return layer
+
+
+def _textbook(case, momentum, dy=None):
+    """`textbook_batch_norm` on a NumPy case, in the mode the caller's grad mode sets:
+    {"y", "running_mean", "running_var"} (C-vectors), plus "dx", "dgamma", "dbeta" for `dy`.
+    Under no_grad (the source's prediction mode) reverse-mode autograd records nothing, so the
+    derivatives come from the forward-mode Jacobian, which no_grad leaves on."""
+    shape = (1, -1) + (1,) * (case["x"].ndim - 2)  # the source's broadcast shape
+    x = _t(case["x"])
+    g, b, mm, mv = (_t(case[k]).reshape(shape) for k in ("gamma", "beta", "running_mean",
+                                                          "running_var"))
+    if torch.is_grad_enabled():
+        for a in (x, g, b):
+            a.requires_grad_(True)
+    y, mm, mv = tbn.textbook_batch_norm(x, g, b, mm, mv, 1e-5, momentum)
+    out = dict(y=y, running_mean=mm.reshape(-1), running_var=mv.reshape(-1))
+    if dy is not None and torch.is_grad_enabled():
+        y.backward(_t(dy))
+        out.update(dx=x.grad, dgamma=g.grad.reshape(-1), dbeta=b.grad.reshape(-1))
+    elif dy is not None:
+        jac = torch.func.jacfwd(
+            lambda x, g, b: tbn.textbook_batch_norm(x, g, b, mm, mv, 1e-5, momentum)[0],
+            argnums=(0, 1, 2))(x.detach(), g.detach(), b.detach())
+        dx, dg, db = (torch.tensordot(_t(dy), j, dims=x.dim()) for j in jac)
+        out.update(dx=dx, dgamma=dg.reshape(-1), dbeta=db.reshape(-1))
+    return {k: v.detach().numpy() for k, v in out.items()}
+
+
+def _kernel(fn, case, momentum, training):
+    """A functional kernel (batch_norm, batch_norm_analytic) with autograd, C-vector params."""
+    x, g, b = (_t(case[k]).requires_grad_(True) for k in ("x", "gamma", "beta"))
+    y, mm, mv = fn(x, g, b, _t(case["running_mean"]), _t(case["running_var"]), 1e-5, momentum,
+                   training)
+    y.backward(_t(case["dy"]))
+    return {k: v.detach().numpy() for k, v in dict(
+        y=y, dx=x.grad, dgamma=g.grad, dbeta=b.grad, running_mean=mm, running_var=mv).items()}
+
+
+# torch.func's forward-mode AD registers its decompositions with torch.jit.script on first use
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("shape, mean", TEXTBOOK_CASES.values(), ids=TEXTBOOK_CASES.keys())
+def test_every_scratch_impl_equals_the_textbook_formulation(shape, mean, training):
+    """The speed-tuned kernels (autograd and closed-form, as functions and as the layers
+    make_layer builds) compute what the textbook function computes: y, dx, dgamma, dbeta and the
+    moving statistics, in training and in prediction."""
+    case = ref.random_case(shape, seed=13, mean=mean)
+    momentum = 0.7  # the source's meaning: weight on the old value (canonical decay)
+    with torch.set_grad_enabled(training):
+        want = _textbook(case, momentum, case["dy"])
+    moved = np.max(np.abs(want["running_mean"] - case["running_mean"]))
+    assert moved > 1e-3 if training else moved == 0
+    runs = {impl: tb.bn_step(**case, training=training, decay=momentum, impl=impl)
+            for impl in ("scratch", "scratch-analytic")}
+    runs["reference"] = ref.bn_step(**case, training=training, decay=momentum)  # the textbook too
+    runs.update({f"{fn.__name__}()": _kernel(fn, case, momentum, training)
+                 for fn in (tbn.batch_norm, tbn.batch_norm_analytic)})
+    assert_matches_textbook(runs, want, mean)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -131,11 +189,9 @@ def test_grad_enabled_mode_ignores_eval(analytic):
     check(run("grad_enabled", True, False), infer_ref)   # train() ignored under no_grad
     check(run("training", False, True), infer_ref)
     check(run("training", True, False), train_ref)
-    with torch.no_grad():
-        y, mm, mv = tbn.source_batch_norm(x, _t(case["gamma"]), _t(case["beta"]),
-                                          _t(case["running_mean"]), _t(case["running_var"]),
-                                          1e-5, 0.9)
-    check((y, mm, mv), infer_ref)
+    with torch.no_grad():  # the textbook function decides the same way
+        check(_textbook(case, 0.9).values(), infer_ref)
+    check(_textbook(case, 0.9).values(), train_ref)
 
     native = torch.nn.BatchNorm2d(3, momentum=0.1, dtype=torch.float64).eval()
     with torch.no_grad():

@@ -1,5 +1,7 @@
-"""Batch normalization in JAX/Flax: the from-scratch `batch_norm` and `BatchNorm` module, the
-`flax.linen.BatchNorm` adapter, and the contract's `bn_step`, `conventions` and `probe`.
+"""Batch normalization in JAX/Flax: the d2l JAX source's batch norm first as a learner reads it
+(`textbook_batch_norm`), then the same algorithm as this backend runs it (`batch_norm`, the
+`BatchNorm` module), the `flax.linen.BatchNorm` adapter, and the contract's `make_layer`,
+`bn_step`, `conventions` and `probe`.
 
 Flax is channels-last: the feature axis is the LAST one (NHWC, or N×C), so per-channel
 statistics reduce over every axis but the last. The contract's arrays are NCHW; `bn_step` and
@@ -19,9 +21,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backends import UnsupportedSetting
+from backends import UnsupportedSetting, check_layer_config
 from common.reference import float_dtype as check_dtype, validate_inputs
 from common.spec import OLD, momentum_from_decay
+
+
+def textbook_batch_norm(X, deterministic, gamma, beta, moving_mean, moving_var, eps, momentum):
+    """The d2l JAX source's batch norm, as a learner reads it, channels-last; `batch_norm` below
+    computes the same (tests/test_jax.py holds it to it). gamma, beta and the moving statistics
+    are arrays of the broadcast shape (1, C) or (1, 1, 1, C). Returns (Y, moving_mean,
+    moving_var). One change from the published code: it reduced an NHWC tensor over axes
+    (0, 2, 3), PyTorch's NCHW axes, which mixes width and channels; per channel, in NHWC, is
+    over (0, 1, 2)."""
+    if deterministic:  # prediction mode: the moving statistics
+        X_hat = (X - moving_mean) / jnp.sqrt(moving_var + eps)
+    else:
+        if X.ndim not in (2, 4):
+            raise ValueError(f"batch norm takes 2-D or 4-D input, got {X.ndim}-D")
+        if X.ndim == 2:  # fully connected: one mean and variance per feature
+            mean = X.mean(axis=0)
+            var = ((X - mean) ** 2).mean(axis=0)
+        else:  # convolution, NHWC: per channel, over batch, height and width
+            mean = X.mean(axis=(0, 1, 2), keepdims=True)
+            var = ((X - mean) ** 2).mean(axis=(0, 1, 2), keepdims=True)
+        X_hat = (X - mean) / jnp.sqrt(var + eps)  # the biased (÷m) batch variance
+        moving_mean = momentum * moving_mean + (1.0 - momentum) * mean  # momentum weighs the OLD
+        moving_var = momentum * moving_var + (1.0 - momentum) * var
+    Y = gamma * X_hat + beta  # scale and shift
+    return Y, moving_mean, moving_var
+
 
 IMPLS = ("scratch", "native")
 # Each impl's momentum convention, a key of common.spec.MOMENTUM_WEIGHS.
@@ -153,32 +181,42 @@ def has_fast_variance_option() -> bool:
     return "use_fast_variance" in {f.name for f in dataclasses.fields(nn.BatchNorm)}
 
 
-def make_layer(impl: str, *, momentum=None, eps=None, unbiased=False, fast_variance=False,
-               **kw) -> nn.Module:
-    """A batch-norm module of `impl`; `momentum`/`eps` in the impl's own meaning (None: its
-    default). The native layer gets `use_fast_variance=fast_variance` where the installed Flax
-    has that option (None keeps Flax's default), so it computes the two-pass variance of the
-    reference unless asked otherwise."""
+def own_layer(impl: str, *, momentum=None, eps=None, unbiased=False, fast_variance=False,
+              **kw) -> nn.Module:
+    """A batch-norm module of `impl` with `momentum`/`eps` in the impl's OWN meaning (None: its
+    default), as `conventions` and `probe` need it; everything else goes through `make_layer`.
+    The native layer gets `use_fast_variance=fast_variance` where the installed Flax has that
+    option (None keeps Flax's default), so it computes the two-pass variance of the reference
+    unless asked otherwise. `kw`: Flax module fields (use_running_average, name, ...)."""
     check_impl(impl)
-    if impl == "scratch":
-        opts = {}
-        if momentum is not None:
-            opts["momentum"] = momentum
-        if eps is not None:
-            opts["epsilon"] = eps
-        return BatchNorm(unbiased=unbiased, **opts, **kw)
-    if unbiased:
-        raise UnsupportedSetting(
-            "flax.linen.BatchNorm keeps a biased (÷m) running variance and has no option for "
-            "the unbiased ÷(m-1) estimator")
     opts = {}
     if momentum is not None:
         opts["momentum"] = momentum
     if eps is not None:
         opts["epsilon"] = eps
+    if impl == "scratch":
+        return BatchNorm(unbiased=unbiased, **opts, **kw)
+    if unbiased:
+        raise UnsupportedSetting(
+            "flax.linen.BatchNorm keeps a biased (÷m) running variance and has no option for "
+            "the unbiased ÷(m-1) estimator")
     if fast_variance is not None and has_fast_variance_option():
         opts["use_fast_variance"] = fast_variance
     return nn.BatchNorm(**opts, **kw)
+
+
+def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None,
+               fast_variance=False, use_running_average=None, name=None) -> nn.Module:
+    """The contract's make_layer (backends/contract.py): a Flax batch-norm module of `impl` for
+    canonical `decay`, translated to the impl's momentum; `unbiased=None` is the impl's own
+    (biased) estimator. Flax takes the feature count from the input at `init`, so
+    `num_features` and `num_dims` are validated, not stored. Options: `fast_variance` (see
+    `own_layer`), and the Flax fields `use_running_average` and `name`."""
+    check_impl(impl)
+    check_layer_config(num_features, num_dims, eps, decay)
+    return own_layer(impl, momentum=momentum_from_decay(decay, CONVENTION[impl]), eps=eps,
+                     unbiased=bool(unbiased), fast_variance=fast_variance,
+                     use_running_average=use_running_average, name=name)
 
 
 def to_variables(impl, gamma, beta, running_mean, running_var) -> dict:
@@ -223,7 +261,7 @@ def layer_step(layer, impl, x, variables, dy, *, training):
 
 def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
             unbiased=False, impl="scratch", fast_variance=False) -> dict:
-    """The contract's bn_step (see backends/__init__.py): NCHW NumPy in and out, computed
+    """The contract's bn_step (see backends/contract.py): NCHW NumPy in and out, computed
     channels-last by `impl` in the input's dtype. `fast_variance=True` (native only) keeps Flax's
     default E[x²]−E[x]² variance instead of the two-pass one the adapter otherwise uses."""
     validate_inputs(x, gamma, beta, running_mean, running_var, dy,
@@ -233,7 +271,7 @@ def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5
         raise UnsupportedSetting(f"fast_variance applies to Flax's native BatchNorm only (impl {impl!r})")
     dtype = check_dtype(np.asarray(x).dtype)
     # Inference updates no running variance, so the estimator setting matters only in training.
-    layer = make_layer(impl, momentum=momentum_from_decay(decay, CONVENTION[impl]), eps=eps,
+    layer = make_layer(impl, np.shape(x)[1], np.ndim(x), eps=eps, decay=decay,
                        unbiased=bool(unbiased and training), fast_variance=bool(fast_variance))
     host = [np.asarray(a, dtype=dtype) for a in (x, gamma, beta, running_mean, running_var, dy)]
     x, gamma, beta, running_mean, running_var, dy = host
@@ -250,8 +288,8 @@ def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5
 
 def conventions() -> dict:
     """{impl: convention fields}; native defaults read from a fresh flax.linen.BatchNorm."""
-    native = make_layer("native", fast_variance=None)
-    scratch = make_layer("scratch")
+    native = own_layer("native", fast_variance=None)
+    scratch = own_layer("scratch")
     x = jnp.zeros((2, 1))
     initial_var = {impl: float(np.asarray(stats_of(impl, layer.init(
         jax.random.PRNGKey(0), x, use_running_average=False)["batch_stats"])["running_var"])[0])
@@ -289,7 +327,7 @@ def probe(impl, x, *, momentum=None, eps=None) -> dict:
     native is NOT forced here: Flax's default is used) runs one training step on NCHW `x`."""
     check_impl(impl)
     x = np.asarray(x, dtype=np.float64)
-    layer = make_layer(impl, momentum=momentum, eps=eps, fast_variance=None)
+    layer = own_layer(impl, momentum=momentum, eps=eps, fast_variance=None)
     with x64_mode(np.float64):
         xl = jnp.asarray(_to_last(x))
         variables = layer.init(jax.random.PRNGKey(0), xl, use_running_average=False)

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from backends import DeviceUnavailable, UnsupportedSetting
-from backends.jax.bn import (CONVENTION, PARAM_FIELDS, STAT_FIELDS, VARIABLE_NAMES, check_dtype,
-                             check_impl, make_layer, x64_mode)
+from backends import UnsupportedSetting
+from backends.jax.bn import (PARAM_FIELDS, STAT_FIELDS, VARIABLE_NAMES, check_dtype, check_impl,
+                             make_layer, x64_mode)
+from backends.jax.device import select_device
 from common import lenet as canon
-from common.spec import momentum_from_decay
 
 FC1_INPUT_CHW = (16, 4, 4)  # conv2 → pool output, channels × height × width
 
@@ -30,26 +30,26 @@ class LeNetBN(nn.Module):
     →fc(84)→BN→sigmoid→fc(10), channels-last, with `impl`'s batch norm."""
 
     impl: str = "scratch"
-    momentum: float | None = None  # in the impl's own meaning; None: the impl's default
+    decay: float = 0.9  # canonical (common.spec): the weight kept on the old running value
     eps: float = 1e-5
     unbiased: bool = False
     precision: object = None  # matmul/conv precision (None: JAX's default for the device)
 
     @nn.compact
     def __call__(self, x, train: bool):
-        def bn(name):
-            return make_layer(self.impl, momentum=self.momentum, eps=self.eps,
+        def bn(name, features, dims):
+            return make_layer(self.impl, features, dims, eps=self.eps, decay=self.decay,
                               unbiased=self.unbiased, use_running_average=not train, name=name)
 
         conv = functools.partial(nn.Conv, kernel_size=(5, 5), padding="VALID",
                                  precision=self.precision)
         dense = functools.partial(nn.Dense, precision=self.precision)
         pool = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
-        x = pool(nn.sigmoid(bn("bn1")(conv(6, name="conv1")(x))))
-        x = pool(nn.sigmoid(bn("bn2")(conv(16, name="conv2")(x))))
+        x = pool(nn.sigmoid(bn("bn1", 6, 4)(conv(6, name="conv1")(x))))
+        x = pool(nn.sigmoid(bn("bn2", 16, 4)(conv(16, name="conv2")(x))))
         x = x.reshape((x.shape[0], -1))  # H×W×C order; fc1's kernel rows are permuted to match
-        x = nn.sigmoid(bn("bn3")(dense(120, name="fc1")(x)))
-        x = nn.sigmoid(bn("bn4")(dense(84, name="fc2")(x)))
+        x = nn.sigmoid(bn("bn3", 120, 2)(dense(120, name="fc1")(x)))
+        x = nn.sigmoid(bn("bn4", 84, 2)(dense(84, name="fc2")(x)))
         return dense(10, name="fc3")(x)
 
 
@@ -108,28 +108,6 @@ def nchw_to_nhwc(x):
     return np.moveaxis(np.asarray(x), 1, -1)
 
 
-def select_device(device="auto"):
-    """(jax.Device, description) for "auto" (a GPU when JAX sees one), "cpu" or "gpu"."""
-    if device not in ("auto", "cpu", "gpu"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
-    if device in ("auto", "gpu"):
-        try:
-            gpus = jax.devices("gpu")
-        except RuntimeError as e:
-            gpus, reason = [], str(e).splitlines()[0]
-        else:
-            reason = "jax.devices('gpu') is empty"
-        if gpus:
-            d = gpus[0]
-            kind = "cuda" if "nvidia" in d.device_kind.lower() else d.platform
-            return d, f"{kind}:{d.id} ({d.device_kind})"
-        if device == "gpu":
-            raise DeviceUnavailable(
-                f"JAX sees no GPU (backend {jax.default_backend()!r}; {reason}). Install a CUDA "
-                f"build (pip install 'jax[cuda12]') or use device='cpu'.")
-    return jax.devices("cpu")[0], "cpu"
-
-
 def build(impl, *, eps, decay, unbiased, precision=None) -> LeNetBN:
     """The LeNet-BN module for `impl` with canonical `decay`; `unbiased=None` is the impl's own
     (biased for both)."""
@@ -138,8 +116,7 @@ def build(impl, *, eps, decay, unbiased, precision=None) -> LeNetBN:
         raise UnsupportedSetting(
             "flax.linen.BatchNorm keeps a biased running variance; unbiased=True is not "
             "expressible")
-    return LeNetBN(impl=impl, momentum=momentum_from_decay(decay, CONVENTION[impl]), eps=eps,
-                   unbiased=bool(unbiased), precision=precision)
+    return LeNetBN(impl=impl, decay=decay, eps=eps, unbiased=bool(unbiased), precision=precision)
 
 
 def make_train_step(model: LeNetBN, lr: float):

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from backends import positive_int, time_alone
+from backends import epoch_line, positive_int, time_alone
 from backends.jax.bn import check_dtype, check_impl, x64_mode
-from backends.jax.lenet import build, make_train_step, nchw_to_nhwc, select_device, to_flax
+from backends.jax.device import select_device
+from backends.jax.lenet import build, make_train_step, nchw_to_nhwc, to_flax
 from common import data as cdata
 from common import lenet as canon
-from common.report import epoch_line
 
 EVAL_CHUNK = 1024
 
@@ -175,7 +175,7 @@ class _Trainer:
 
 def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dtype="float32",
         eps=1e-5, decay=0.9, params=None, progress=None, scan=None) -> dict:
-    """The contract's fit (see backends/__init__.py). `data` has train_x/train_y/test_x/test_y
+    """The contract's fit (see backends/contract.py). `data` has train_x/train_y/test_x/test_y
     (NCHW floats, int labels). `scan`: run each epoch's full batches as one `lax.scan` call
     (True) or the same jitted step from a Python loop (False); None picks scan on a GPU and the
     loop on the CPU (see the module docstring).
@@ -210,7 +210,7 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
 
 
 class SpeedTimer:
-    """The contract's speed timer (backends/__init__.py): `fit`'s own training path (scan per
+    """The contract's speed timer (backends/contract.py): `fit`'s own training path (scan per
     epoch on a GPU, jitted step loop on the CPU) on seeded synthetic images; one run is an epoch
     of `steps` batches. Creating it compiles and trains one warm-up epoch."""
 

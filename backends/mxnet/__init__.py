@@ -1,5 +1,5 @@
 """MXNet 1.9 (Gluon) backend: the from-scratch batch norm of the MXNet source, Gluon's native
-`nn.BatchNorm`, LeNet-BN and its training loop. The contract is in `backends/__init__.py`.
+`nn.BatchNorm`, LeNet-BN and its training loop. The contract is in `backends/contract.py`.
 
 MXNet 1.9.1, the last release, still uses the `numpy.bool` alias that NumPy 1.24 removed; the
 alias is restored here, once, before MXNet is imported (nowhere else in the project). Without
@@ -13,9 +13,12 @@ if "bool" not in vars(numpy):  # hasattr would trigger NumPy 1.2x's FutureWarnin
 
 import mxnet  # noqa: E402,F401  (fails here, not later, when MXNet is missing or broken)
 
-from .bn import IMPLS, BatchNorm, batch_norm, bn_step, conventions, probe  # noqa: E402
+from .bn import (IMPLS, BatchNorm, batch_norm, bn_step, conventions, make_layer,  # noqa: E402
+                 probe, textbook_batch_norm)
 from .lenet import lenet_eval, lenet_train  # noqa: E402
 from .train import exact_numerics, fit, speed, speed_timer, versions  # noqa: E402
 
-__all__ = ["IMPLS", "BatchNorm", "batch_norm", "bn_step", "conventions", "probe", "lenet_train",
-           "lenet_eval", "fit", "speed", "speed_timer", "exact_numerics", "versions"]
+# the contract (backends/contract.py), then this backend's own public names
+__all__ = ["IMPLS", "make_layer", "bn_step", "conventions", "probe", "lenet_train",
+           "lenet_eval", "fit", "speed", "speed_timer", "exact_numerics", "versions",
+           "textbook_batch_norm", "batch_norm", "BatchNorm"]

@@ -1,8 +1,9 @@
-"""Batch norm in MXNet: the MXNet source's from-scratch `batch_norm`, a hybridizable `BatchNorm`
-layer built on it, the native `gluon.nn.BatchNorm` adapter, and `bn_step` / `conventions` /
-`probe` for the contract in `backends/__init__.py`.
+"""Batch norm in MXNet: the MXNet source's batch norm first as a learner reads it
+(`textbook_batch_norm`), then the same algorithm tuned for speed (`batch_norm`), a hybridizable
+`BatchNorm` layer built on it, the native `gluon.nn.BatchNorm` adapter, and `make_layer` /
+`bn_step` / `conventions` / `probe` for the contract in `backends/contract.py`.
 
-One from-scratch implementation serves both imperative and hybridized use. It follows the source:
+One tuned implementation serves both imperative and hybridized use. It follows the source:
 `moving = (1 - momentum) * moving + momentum * batch` (momentum weighs the NEW batch statistic,
 the inverse of the PyTorch source), biased batch variance, mode from `autograd.is_training()`
 unless given. It differs from the source only in which MXNet kernels carry the arithmetic: on CPU
@@ -19,9 +20,33 @@ import mxnet as mx
 from mxnet import autograd
 from mxnet.gluon import nn
 
-from backends import UnsupportedSetting
+from backends import UnsupportedSetting, check_layer_config
 from common import spec
 from common.reference import float_dtype, validate_inputs
+
+
+def textbook_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
+    """The MXNet source's batch norm, as a learner reads it, in NDArray operations; `batch_norm`
+    below computes the same (tests/test_mxnet.py holds it to it). gamma, beta and the moving
+    statistics have the broadcast shape (1, C) or (1, C, 1, 1). Returns (Y, moving_mean,
+    moving_var)."""
+    if not autograd.is_training():  # the source's test for prediction mode
+        X_hat = (X - moving_mean) / mx.nd.sqrt(moving_var + eps)
+    else:
+        if X.ndim not in (2, 4):
+            raise ValueError(f"batch norm takes 2-D or 4-D input, got {X.ndim}-D")
+        if X.ndim == 2:  # fully connected: one mean and variance per feature
+            mean = X.mean(axis=0)
+            var = ((X - mean) ** 2).mean(axis=0)
+        else:  # convolution: per channel, over batch, height and width (shape kept to broadcast)
+            mean = X.mean(axis=(0, 2, 3), keepdims=True)
+            var = ((X - mean) ** 2).mean(axis=(0, 2, 3), keepdims=True)
+        X_hat = (X - mean) / mx.nd.sqrt(var + eps)  # the biased (÷m) batch variance
+        moving_mean = (1.0 - momentum) * moving_mean + momentum * mean  # momentum weighs the NEW
+        moving_var = (1.0 - momentum) * moving_var + momentum * var
+    Y = gamma * X_hat + beta  # scale and shift
+    return Y, moving_mean, moving_var
+
 
 IMPLS = ("scratch", "native")
 
@@ -223,20 +248,22 @@ def native_layer(num_features, **kwargs):
     return nn.BatchNorm(in_channels=num_features, **kwargs)
 
 
-def make_layer(impl, num_features, num_dims, *, eps, decay, unbiased):
-    """A fresh layer of `impl` configured from canonical (eps, decay, unbiased)."""
+def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None):
+    """The contract's make_layer (backends/contract.py): a fresh layer of `impl` configured from
+    canonical (eps, decay, unbiased); `unbiased=None` keeps the impl's own (biased) estimator."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+    num_features = check_layer_config(num_features, num_dims, eps, decay)
     if impl == "scratch":
         return BatchNorm(num_features, num_dims, eps=eps,
                          momentum=spec.momentum_from_decay(decay, "mxnet-source"),
-                         unbiased=unbiased)
-    if impl == "native":
-        if unbiased:
-            raise UnsupportedSetting(
-                "MXNet's native BatchNorm updates running_var with the biased (÷m) variance on "
-                "CPU (the cuDNN path uses ÷(m-1)); unbiased=True cannot be expressed")
-        return native_layer(num_features, momentum=spec.momentum_from_decay(decay, "mxnet-native"),
-                            epsilon=eps)
-    raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+                         unbiased=bool(unbiased))
+    if unbiased:
+        raise UnsupportedSetting(
+            "MXNet's native BatchNorm updates running_var with the biased (÷m) variance on "
+            "CPU (the cuDNN path uses ÷(m-1)); unbiased=True cannot be expressed")
+    return native_layer(num_features, momentum=spec.momentum_from_decay(decay, "mxnet-native"),
+                        epsilon=eps)
 
 
 def _stats(layer):

@@ -17,6 +17,7 @@ from common import lenet as canonical
 from common import spec
 
 from .bn import BatchNorm, PerModeGraph, make_layer
+from .device import context
 
 
 class LeNet(PerModeGraph):
@@ -90,8 +91,6 @@ def to_canonical(net) -> dict[str, np.ndarray]:
 
 
 def _ctx(device):
-    from .train import context  # device selection lives with the training loop
-
     return context(device)[0]
 
 

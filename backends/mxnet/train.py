@@ -1,5 +1,5 @@
-"""LeNet-BN training on the common data (`fit`), training-step throughput (`speed`), device
-selection, numerics switches and framework versions."""
+"""LeNet-BN training on the common data (`fit`), training-step throughput (`speed`), numerics
+switches and framework versions (device selection is in `device.py`)."""
 from __future__ import annotations
 
 import os
@@ -10,44 +10,15 @@ import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon
 
-from backends import DeviceUnavailable, positive_int, time_alone
+from backends import epoch_line, positive_int, time_alone
 from common import data as common_data
 from common import lenet as canonical
-from common.report import epoch_line
 
+from .device import context
 from .lenet import build, load_params
 
-CUDA_BUILDS = ("this MXNet build has no CUDA support (MXNet ships GPU builds as separate wheels "
-               "named after the CUDA version): pip uninstall mxnet && pip install "
-               "mxnet-cu112==1.9.1  (1.9.1 builds exist for CUDA 10.1 to 11.7: mxnet-cu101 ... "
-               "mxnet-cu117; they also need numpy<2)")
 EVAL_BATCH = 1024
 PATH = "hybridized Gluon graph (CachedOp, static_alloc + static_shape), gluon.Trainer SGD"
-
-
-def _num_gpus() -> int:
-    try:
-        return mx.context.num_gpus()
-    except mx.base.MXNetError:  # some builds raise instead of reporting 0 without a driver
-        return 0
-
-
-def context(device):
-    """(mx.Context, description) for device "auto", "cpu" or "gpu"."""
-    if device not in ("auto", "cpu", "gpu"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
-    if device == "cpu":
-        return mx.cpu(), "cpu"
-    if not mx.runtime.Features().is_enabled("CUDA"):
-        if device == "gpu":
-            raise DeviceUnavailable(f"MXNet cannot use a GPU: {CUDA_BUILDS}")
-        return mx.cpu(), "cpu"
-    if _num_gpus() == 0:
-        if device == "gpu":
-            raise DeviceUnavailable("MXNet was built with CUDA but sees no GPU (driver missing "
-                                    "or CUDA_VISIBLE_DEVICES empty)")
-        return mx.cpu(), "cpu"
-    return mx.gpu(0), "gpu(0)"
 
 
 def versions() -> dict[str, str]:
@@ -162,7 +133,7 @@ def fit(data, *, impl, epochs, batch_size=canonical.DEFAULT_BATCH_SIZE, lr=canon
 
 
 class SpeedTimer:
-    """The contract's speed timer (backends/__init__.py): `fit`'s step on a seeded synthetic
+    """The contract's speed timer (backends/contract.py): `fit`'s step on a seeded synthetic
     Fashion-MNIST-shaped batch resident on the device, warmed up on creation."""
 
     def __init__(self, *, impl, device="auto", batch_size=canonical.DEFAULT_BATCH_SIZE,
@@ -192,7 +163,7 @@ speed_timer = SpeedTimer
 
 def speed(*, impl, device="auto", batch_size=canonical.DEFAULT_BATCH_SIZE, dtype="float32",
           steps=50, repeats=5) -> dict:
-    """Training-step throughput (contract in backends/__init__.py): `repeats` runs of a
+    """Training-step throughput (contract in backends/contract.py): `repeats` runs of a
     `SpeedTimer`."""
     return time_alone(SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype,
                                  steps=steps), repeats)

@@ -1,11 +1,12 @@
-"""Batch normalization in PyTorch: from scratch (autograd and closed-form backward), the
-`BatchNorm` layer, the native `nn.BatchNorm1d/2d` adapter, `bn_step`, `conventions`, `probe`.
+"""Batch normalization in PyTorch: the textbook formulation of the d2l PyTorch source first,
+then the same algorithm tuned for speed (autograd and closed-form backward), the `BatchNorm`
+layer, the native `nn.BatchNorm1d/2d` adapter, `make_layer`, `bn_step`, `conventions`, `probe`.
 
-The from-scratch code follows the d2l PyTorch source: `moving = momentum * moving + (1 - momentum)
-* batch` (momentum weighs the OLD running value, i.e. it is the canonical decay) and the biased
-batch variance. Two things differ from the source, on purpose: the mode is an explicit argument
-(the source's `torch.is_grad_enabled()` test is kept as `source_batch_norm` and
-`BatchNorm(mode="grad_enabled")` to show that it ignores `model.eval()`), and the running
+The source: `moving = momentum * moving + (1 - momentum) * batch` (momentum weighs the OLD running
+value, i.e. it is the canonical decay) and the biased batch variance. Two things differ from the
+source in the layer, on purpose: the mode is an explicit argument (the source's
+`torch.is_grad_enabled()` test is kept in `textbook_batch_norm` and as
+`BatchNorm(mode="grad_enabled")`, to show that it ignores `model.eval()`), and the running
 statistics are registered buffers, so `state_dict()` saves them and `.to()` moves them.
 """
 from __future__ import annotations
@@ -15,9 +16,32 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from backends import UnsupportedSetting
+from backends import UnsupportedSetting, check_layer_config
 from common import spec
 from common.reference import float_dtype, validate_inputs
+
+
+def textbook_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
+    """The d2l PyTorch source's batch norm, as a learner reads it; the kernels below compute the
+    same (tests/test_torch.py holds them to it). gamma, beta and the moving statistics have the
+    broadcast shape (1, C) or (1, C, 1, 1). Returns (Y, moving_mean, moving_var)."""
+    if not torch.is_grad_enabled():  # the source's test for prediction mode
+        X_hat = (X - moving_mean) / torch.sqrt(moving_var + eps)
+    else:
+        if X.dim() not in (2, 4):
+            raise ValueError(f"batch norm takes 2-D or 4-D input, got {X.dim()}-D")
+        if X.dim() == 2:  # fully connected: one mean and variance per feature
+            mean = X.mean(dim=0)
+            var = ((X - mean) ** 2).mean(dim=0)
+        else:  # convolution: per channel, over batch, height and width (shape kept to broadcast)
+            mean = X.mean(dim=(0, 2, 3), keepdim=True)
+            var = ((X - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        X_hat = (X - mean) / torch.sqrt(var + eps)  # the biased (÷m) batch variance
+        moving_mean = momentum * moving_mean + (1.0 - momentum) * mean  # momentum weighs the OLD
+        moving_var = momentum * moving_var + (1.0 - momentum) * var
+    Y = gamma * X_hat + beta  # scale and shift
+    return Y, moving_mean.detach(), moving_var.detach()
+
 
 IMPLS = ("scratch", "scratch-analytic", "native")
 # What decides training vs inference: module.training, or the source's torch.is_grad_enabled().
@@ -112,13 +136,6 @@ def _scratch_train(X, gamma, beta, eps):
     else:  # see BatchNormFunction: a multiply and an in-place add beat one addcmul on CPU
         Y = (Xc * scale).add_(beta.reshape(shape))
     return Y, mean.view(-1), var.view(-1)
-
-
-def source_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
-    """The source's signature and mode test: training iff `torch.is_grad_enabled()`, whatever
-    `module.training` says (so `model.eval()` alone does not switch to running statistics)."""
-    return batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum,
-                      training=torch.is_grad_enabled())
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -241,11 +258,13 @@ def check_impl(impl):
         raise ValueError(f"unknown torch impl {impl!r}; choose from {', '.join(IMPLS)}")
 
 
-def make_layer(impl, num_features, num_dims, *, eps, decay, unbiased=None, device=None,
+def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None, device=None,
                dtype=None) -> nn.Module:
-    """A training-ready layer of `impl` for canonical `decay`; `unbiased=None` keeps the impl's
-    own running-variance convention. Native BN cannot take the biased setting."""
+    """The contract's make_layer (backends/contract.py): a training-ready layer of `impl` for
+    canonical `decay`; `unbiased=None` keeps the impl's own running-variance convention. Native
+    BN cannot take the biased setting. `device`, `dtype`: torch factory options."""
     check_impl(impl)
+    num_features = check_layer_config(num_features, num_dims, eps, decay)
     momentum = spec.momentum_from_decay(decay, CONVENTION[impl])
     factory = dict(device=device, dtype=dtype)
     if impl == "native":
@@ -267,7 +286,7 @@ def gamma_beta(layer):
 
 def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
             unbiased=False, impl="scratch") -> dict:
-    """One batch-norm step of `impl` (contract in backends/__init__.py), in x's dtype."""
+    """One batch-norm step of `impl` (contract in backends/contract.py), in x's dtype."""
     validate_inputs(x, gamma, beta, running_mean, running_var, dy,
                     training=training, eps=eps, decay=decay)
     check_impl(impl)

@@ -12,6 +12,7 @@ from torch import nn
 from common import lenet as canon
 
 from .bn import check_impl, make_layer
+from .device import resolve_device
 
 _NATIVE_NAMES = {"gamma": "weight", "beta": "bias"}
 
@@ -119,8 +120,6 @@ def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None
                 dtype="float64", device="cpu") -> dict:
     """Plain SGD on mean cross-entropy over `batches` of (x, y) NumPy pairs; running statistics
     update as `impl` does. Returns {"losses": [float per step], "params": canonical dict}."""
-    from .train import resolve_device
-
     dev, _ = resolve_device(device)
     tdt = torch_dtype(dtype)
     model = build_lenet(impl, eps=eps, decay=decay, unbiased=unbiased, device=dev, dtype=tdt,
@@ -136,8 +135,6 @@ def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None
 
 def lenet_eval(params, x, *, impl, dtype="float64", device="cpu") -> np.ndarray:
     """Logits (N×10, NumPy) in inference mode, i.e. with the running statistics."""
-    from .train import resolve_device
-
     dev, _ = resolve_device(device)
     tdt = torch_dtype(dtype)
     model = build_lenet(impl, device=dev, dtype=tdt, params=params).eval()

@@ -1,5 +1,5 @@
-"""LeNet-BN training loop (`fit`), the throughput benchmark (`speed`), device selection,
-`exact_numerics` and versions for the PyTorch backend.
+"""LeNet-BN training loop (`fit`), the throughput benchmark (`speed`), `exact_numerics` and
+versions for the PyTorch backend (device selection is in `device.py`).
 
 The loop keeps the whole data set on the device and gathers each batch there by index; loss and
 accuracy accumulate in device tensors and are read once per epoch, so no step waits on the host.
@@ -14,50 +14,17 @@ import time
 import numpy as np
 import torch
 
-from backends import DeviceUnavailable, positive_int, time_alone
+from backends import DeviceUnavailable, epoch_line, positive_int, time_alone
 from common import lenet as canon
 from common.data import batch_indices
-from common.report import epoch_line
 
 from .bn import check_impl
+from .device import resolve_device
 from .lenet import build_lenet, sgd_step, torch_dtype
 
 EVAL_CHUNK = 4096
 SPEED_PATHS = ("auto", "eager", "cuda-graph", "compile")
 SPEED_BATCHES = 16  # distinct synthetic batches the timed steps cycle through
-
-
-def _no_cuda_reason() -> str:
-    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-        return (f"this PyTorch build ({torch.__version__}) is CPU-only (torch.version.cuda is "
-                "None); install a CUDA build of torch to train on a GPU")
-    return (f"torch.cuda.is_available() is False (PyTorch {torch.__version__}, CUDA "
-            f"{torch.version.cuda}): no GPU or driver is visible (check nvidia-smi and "
-            "CUDA_VISIBLE_DEVICES)")
-
-
-def resolve_device(device="auto") -> tuple[torch.device, str]:
-    """(torch.device, description) for "auto" (CUDA if usable, else CPU), "cpu", "gpu"/"cuda" or
-    "cuda:N". A GPU request that cannot be met raises DeviceUnavailable saying why."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):
-        raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'gpu', got {device!r}")
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu"), "cpu"
-    if device in ("auto", "gpu", "cuda") or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DeviceUnavailable(f"device={device!r} needs a CUDA GPU, but {_no_cuda_reason()}. "
-                                    "Use device='cpu' or 'auto'.")
-        if device.startswith("cuda:"):
-            dev = torch.device(device)
-            if dev.index >= torch.cuda.device_count():
-                raise DeviceUnavailable(f"device={device!r}: only {torch.cuda.device_count()} "
-                                        "CUDA device(s) visible")
-        else:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        return dev, f"{dev} ({torch.cuda.get_device_name(dev)})"
-    raise ValueError(f"device must be 'auto', 'cpu', 'gpu' or 'cuda[:N]', got {device!r}")
 
 
 def _sync(dev: torch.device) -> None:
@@ -91,7 +58,7 @@ def _correct(model, x, y) -> torch.Tensor:
 
 def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dtype="float32",
         eps=1e-5, decay=0.9, params=None, progress=None) -> dict:
-    """Train LeNet-BN with `impl` on `data` (see backends/__init__.py for the contract).
+    """Train LeNet-BN with `impl` on `data` (see backends/contract.py for the contract).
 
     examples_per_s counts only the training steps of each epoch, timed between device
     synchronisations; test accuracy is measured after each epoch and not timed."""
@@ -231,7 +198,7 @@ PATH_NAMES = {("cuda", "eager"): "eager, data on the GPU", ("cpu", "eager"): "ea
 
 
 class SpeedTimer:
-    """The contract's speed timer (see backends/__init__.py): built, compiled/captured and
+    """The contract's speed timer (see backends/contract.py): built, compiled/captured and
     warmed up on creation; `run()` times `steps` steps.
 
     Synthetic Fashion-MNIST-shaped data (seeded NumPy, pixels in [0, 1), SPEED_BATCHES batches)
@@ -326,7 +293,7 @@ speed_timer = SpeedTimer
 
 def speed(*, impl, device="auto", batch_size=256, dtype="float32", steps=50, repeats=5,
           path="auto", seed=0) -> dict:
-    """Training-step throughput of LeNet-BN with `impl` (contract in backends/__init__.py):
+    """Training-step throughput of LeNet-BN with `impl` (contract in backends/contract.py):
     `repeats` runs of a `SpeedTimer`."""
     return time_alone(SpeedTimer(impl=impl, device=device, batch_size=batch_size, dtype=dtype,
                                  steps=steps, path=path, seed=seed), repeats)

@@ -1,0 +1,245 @@
+"""The backend contract, written once as code: what every `backends.<name>` package exports, with
+each signature and its meaning, and `check(module)`, which lists where a module departs from it.
+
+`Backend` is a `typing.Protocol` whose methods are the backend's module-level functions (a module
+satisfies it the way PEP 544 lets modules satisfy protocols; the `self` of each stub stands for the
+module). Arrays in and out are NumPy; the framework stays inside the backend.
+
+Extending it: a new function is one stub in `Backend` (with its docstring). One that only some
+backends have yet is marked `@optional`: `check` then verifies its signature where a backend
+defines it and says nothing where it does not. Backends may add keyword-only parameters WITH
+defaults to any function (framework-specific options such as jax's `fast_variance`); anything else
+that differs (a missing, renamed, reordered or extra parameter, another kind or default) is a
+problem.
+
+Importing this module imports no framework.
+"""
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any, Protocol
+
+REQUIRED_IMPLS = ("scratch", "native")  # every backend has both; more are allowed
+
+
+def optional(stub):
+    """Mark a contract function that only some backends have: checked only where present."""
+    stub.__contract_optional__ = True
+    return stub
+
+
+def is_optional(stub) -> bool:
+    return getattr(stub, "__contract_optional__", False)
+
+
+class Timer(Protocol):
+    """What `speed_timer` returns: built, compiled and warmed up on creation."""
+
+    info: dict
+    """{"compile_s": seconds of building, compiling and warming up, "device": description,
+    "path": what is timed (e.g. "CUDA graph", "jit + lax.scan", "eager"), ...}"""
+
+    def run(self) -> dict:
+        """Time `steps` training steps with proper synchronisation: {"examples_per_s": ..., ...}."""
+
+
+class Backend(Protocol):
+    """One framework's batch norm and LeNet-BN behind one interface (module-level functions)."""
+
+    IMPLS: tuple[str, ...]
+    """Impl names; "scratch" and "native" in every backend (torch adds "scratch-analytic")."""
+
+    # --- bn.py ------------------------------------------------------------------------------
+
+    def make_layer(self, impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None):
+        """A fresh, training-ready batch-norm layer of `impl`, in the framework's own type (a
+        torch `nn.Module`, a Gluon `HybridBlock`, a Flax linen `Module`), for `num_features`
+        channels of `num_dims`-D input (2: N×C, 4: images), configured in canonical terms:
+        `decay` (`common.spec`: the weight kept on the old running value), translated through
+        `common.spec` to the impl's own `momentum`; `eps`; `unbiased` (True: the running variance
+        takes the ÷(m-1) batch variance, False: the ÷m one, None: the impl's own convention).
+        A setting the impl cannot express raises `UnsupportedSetting`; bad `num_features` or
+        `num_dims` raise ValueError. Flax modules take their feature count from the input at
+        `init`, so there `num_features` is validated but not stored."""
+
+    def bn_step(self, x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5,
+                decay=0.9, unbiased=False, impl="scratch") -> dict:
+        """The signature and return dict of `common.reference.bn_step` (y, dx, dgamma, dbeta,
+        running_mean, running_var), computed by `impl` in the input's dtype (float32 or float64)
+        on NCHW (or N×C) arrays. `decay` is canonical (`common.spec`) and translated to the
+        impl's own `momentum`. A setting the impl cannot express raises `UnsupportedSetting` (a
+        ValueError) instead of computing something else; bad shapes raise ValueError
+        (`common.reference.validate_inputs`)."""
+
+    def conventions(self) -> dict:
+        """{impl: {field: value for field in common.spec.CONVENTION_FIELDS}, plus "notes"}. For
+        "native", defaults read from the installed framework, not hard-coded."""
+
+    def probe(self, impl, x, *, momentum=None, eps=None) -> dict:
+        """Evidence for conventions(): a fresh layer of `impl` built with its OWN defaults
+        (momentum and eps overridden only when given, in the impl's own meaning) runs one
+        training step on `x` (N×C×H×W float64 NumPy; converted to the impl's layout inside) with
+        upstream gradient ones. Returns {"momentum": used, "eps": used, "initial": stats,
+        "after_forward": stats, "after_backward": stats, "y": output in NCHW}, stats =
+        {"running_mean", "running_var"}. `common.conventions.infer` turns this into the
+        convention fields, so the conventions table is an experiment, not a claim."""
+
+    # --- lenet.py ---------------------------------------------------------------------------
+
+    def lenet_train(self, params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None,
+                    dtype="float64", device="cpu") -> dict:
+        """Plain SGD on mean cross-entropy from the canonical parameter dict (`common.lenet`)
+        over `batches`, an iterable of (x N×1×28×28 float, y int) NumPy pairs; one step per
+        batch. Returns {"losses": [float per step], "params": canonical dict}. `unbiased=None`
+        keeps the impl's own running-variance convention."""
+
+    def lenet_eval(self, params, x, *, impl, dtype="float64", device="cpu"):
+        """Logits (N×10 NumPy array) of LeNet-BN with canonical `params` on N×1×28×28 `x`, in
+        inference mode (running statistics)."""
+
+    # --- train.py ---------------------------------------------------------------------------
+
+    def fit(self, data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto",
+            dtype="float32", eps=1e-5, decay=0.9, params=None, progress=None) -> dict:
+        """Train LeNet-BN on `data` (a `common.data.Dataset`: NCHW float train/test arrays) with
+        minibatches from `common.data.batch_indices(n, batch_size, seed=seed, epoch=e)`, so
+        every backend sees the same batches in the same order. `device`: "auto" (the GPU where
+        this backend can use one), "cpu" or "gpu" (raises `DeviceUnavailable`, with a clear
+        reason, if it cannot). `progress(str)` gets a line per epoch (`backends.epoch_line`).
+        Returns {"device": description of the device actually used, "history": [{"epoch",
+        "loss", "train_acc", "test_acc", "examples_per_s", "seconds"}], "final_loss",
+        "train_acc", "test_acc", "examples_per_s", "wall_s"}; examples_per_s counts training
+        steps only."""
+
+    def speed_timer(self, *, impl, device="auto", batch_size=256, dtype="float32",
+                    steps=50) -> Timer:
+        """Training-step throughput of LeNet-BN on the fastest path this backend has for `impl`
+        on `device` (data resident on the device, compiled/fused steps where the framework
+        offers them), on synthetic Fashion-MNIST-shaped data. Creating the timer builds,
+        compiles and warms up (`Timer.info`); `timer.run()` times `steps` steps. compare.py
+        creates every impl's timer and then takes the runs round-robin, so that a slow spell of
+        a shared machine hits every impl alike and the scratch/native ratio is measured fairly.
+        The fast path must give the same losses as the plain `lenet_train` path (tested)."""
+
+    def speed(self, *, impl, device="auto", batch_size=256, dtype="float32", steps=50,
+              repeats=5) -> dict:
+        """One impl alone: `backends.time_alone(speed_timer(...), repeats)`."""
+
+    def exact_numerics(self) -> None:
+        """Turn off TF32 and reduced-precision matmuls in this process (for agreement and
+        trajectory runs on a GPU). A no-op where the framework has none."""
+
+    def versions(self) -> dict:
+        """{package: version} of the framework packages this backend uses."""
+
+
+def functions(contract=Backend) -> dict:
+    """{name: stub} of the contract's functions, in the order they are written (the protocols
+    it extends first)."""
+    out = {}
+    for klass in reversed(contract.__mro__):
+        if klass is not object and klass.__module__ != "typing":  # not Protocol, Generic
+            out.update((k, v) for k, v in vars(klass).items()
+                       if inspect.isfunction(v) and not k.startswith("_"))
+    return out
+
+
+def attributes(contract=Backend) -> dict:
+    """{name: type} of the contract's data members (e.g. IMPLS)."""
+    return typing.get_type_hints(contract)
+
+
+def names(contract=Backend, *, include_optional=True) -> list[str]:
+    """Every member name of the contract (data members first)."""
+    fns = [k for k, v in functions(contract).items() if include_optional or not is_optional(v)]
+    return list(attributes(contract)) + fns
+
+
+def _stub_parameters(stub) -> list[inspect.Parameter]:
+    params = list(inspect.signature(stub).parameters.values())
+    return params[1:] if params and params[0].name == "self" else params
+
+
+def _same_default(a, b) -> bool:
+    return a is b or (type(a) is type(b) and a == b)
+
+
+def _kind(p: inspect.Parameter) -> str:
+    return p.kind.description
+
+
+def _default(p: inspect.Parameter) -> str:
+    return "no default" if p.default is p.empty else f"default {p.default!r}"
+
+
+def signature_problems(stub, function) -> list[str]:
+    """Where `function`'s parameters depart from the contract `stub`'s (empty if they agree)."""
+    try:
+        have = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError) as e:
+        return [f"has no inspectable signature ({e})"]
+    want = _stub_parameters(stub)
+    want_names = [p.name for p in want]
+    by_name = {p.name: p for p in have}
+    problems = []
+    missing = [n for n in want_names if n not in by_name]
+    if missing:
+        problems.append(f"missing parameter(s) {', '.join(missing)}")
+    for p in have:
+        if p.name not in want_names and (p.kind is not p.KEYWORD_ONLY or p.default is p.empty):
+            problems.append(f"extra parameter {p.name!r} ({_kind(p)}, {_default(p)}): only "
+                            "keyword-only parameters with a default may be added")
+    order = [p.name for p in have if p.name in want_names]
+    if order != [n for n in want_names if n in by_name]:
+        problems.append(f"parameter order ({', '.join(order)}), the contract's is "
+                        f"({', '.join(want_names)})")
+    for p in want:
+        q = by_name.get(p.name)
+        if q is None:
+            continue
+        if q.kind != p.kind:
+            problems.append(f"parameter {p.name!r} is {_kind(q)}, the contract's is {_kind(p)}")
+        if not _same_default(q.default, p.default):
+            problems.append(f"parameter {p.name!r} has {_default(q)}, the contract's has "
+                            f"{_default(p)}")
+    return problems
+
+
+def _attribute_problems(name, value, hint) -> list[str]:
+    origin = typing.get_origin(hint) or hint
+    if isinstance(origin, type) and not isinstance(value, origin):
+        return [f"{name}: is a {type(value).__name__}, the contract's is {hint}"]
+    args = typing.get_args(hint)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        wrong = [v for v in value if not isinstance(v, args[0])]
+        if wrong or not value:
+            return [f"{name}: must be a non-empty {hint}, got {value!r}"]
+    if name == "IMPLS":
+        lacking = [i for i in REQUIRED_IMPLS if i not in value]
+        if lacking:
+            return [f"IMPLS: lacks {', '.join(map(repr, lacking))} (every backend has "
+                    f"{' and '.join(REQUIRED_IMPLS)}), got {value!r}"]
+    return []
+
+
+def check(module: Any, contract=Backend) -> list[str]:
+    """Problems of `module` (a backend package, or any object with attributes) against
+    `contract`, one readable line each; empty when it conforms."""
+    problems = []
+    for name, hint in attributes(contract).items():
+        if not hasattr(module, name):
+            problems.append(f"{name}: missing")
+        else:
+            problems += _attribute_problems(name, getattr(module, name), hint)
+    for name, stub in functions(contract).items():
+        if not hasattr(module, name):
+            if not is_optional(stub):
+                problems.append(f"{name}: missing")
+            continue
+        member = getattr(module, name)
+        if not callable(member):
+            problems.append(f"{name}: is a {type(member).__name__}, not a function")
+            continue
+        problems += [f"{name}: {p}" for p in signature_problems(stub, member)]
+    return problems
