@@ -122,6 +122,15 @@ class Backend(Protocol):
         a shared machine hits every impl alike and the scratch/native ratio is measured fairly.
         The fast path must give the same losses as the plain `lenet_train` path (tested)."""
 
+    def source_timer(self, *, impl, device="auto", batch_size=256, dtype="float32",
+                     steps=50) -> Timer:
+        """The speed report's baseline, measured in the same run as `speed_timer`: LeNet-BN
+        trained the way the sources train it (`source.py`): the source's from-scratch layer
+        (`textbook_batch_norm` in the source's module, impl="scratch") or the framework's own
+        layer (impl="native") in the textbook's model, and the source's loop: a host→device copy
+        of every batch, the source's step (eager, or jitted as the source jits it) and the loss
+        read back per batch. Same timer interface as `speed_timer`."""
+
     def speed(self, *, impl, device="auto", batch_size=256, dtype="float32", steps=50,
               repeats=5) -> dict:
         """One impl alone: `backends.time_alone(speed_timer(...), repeats)`."""

@@ -17,8 +17,9 @@ from .bn import (IMPLS, BatchNorm, batch_norm, bn_step, conventions, make_layer,
                  probe, textbook_batch_norm)
 from .lenet import lenet_eval, lenet_train  # noqa: E402
 from .train import exact_numerics, fit, speed, speed_timer, versions  # noqa: E402
+from .source import source_timer  # noqa: E402
 
 # the contract (backends/contract.py), then this backend's own public names
 __all__ = ["IMPLS", "make_layer", "bn_step", "conventions", "probe", "lenet_train",
-           "lenet_eval", "fit", "speed", "speed_timer", "exact_numerics", "versions",
+           "lenet_eval", "fit", "speed", "speed_timer", "source_timer", "exact_numerics", "versions",
            "textbook_batch_norm", "batch_norm", "BatchNorm"]

@@ -10,9 +10,10 @@ from .bn import (IMPLS, BatchNorm, batch_norm, batch_norm_analytic, bn_step, con
                  make_layer, probe, textbook_batch_norm)
 from .lenet import lenet_eval, lenet_train
 from .train import DeviceSteps, exact_numerics, fit, speed, speed_timer, versions
+from .source import source_timer
 
 # the contract (backends/contract.py), then this backend's own public names
 __all__ = ["IMPLS", "make_layer", "bn_step", "conventions", "probe", "lenet_train",
-           "lenet_eval", "fit", "speed", "speed_timer", "exact_numerics", "versions",
+           "lenet_eval", "fit", "speed", "speed_timer", "source_timer", "exact_numerics", "versions",
            "textbook_batch_norm", "batch_norm", "batch_norm_analytic", "BatchNorm",
            "DeviceSteps"]
