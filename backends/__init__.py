@@ -24,10 +24,11 @@ conventions() -> {impl: {field: value for field in common.spec.CONVENTION_FIELDS
     For "native", defaults read from the installed framework, not hard-coded.
 
 lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None, dtype="float64",
-            device="cpu") -> {"losses": [float per step], "params": canonical dict}
+            device="cpu", record=False) -> {"losses": [float per step], "params": canonical dict}
     Plain SGD on cross-entropy from the canonical parameter dict (`common.lenet`) over
     `batches`, an iterable of (x N×1×28×28 float, y int) NumPy pairs. `unbiased=None` keeps the
-    impl's own running-variance convention.
+    impl's own running-variance convention. `record=True` adds "history": the canonical dict
+    (NumPy, in `dtype`) after every step, for `common.lenet_reference.check_trajectory`.
 
 lenet_eval(params, x, *, impl, dtype="float64", device="cpu") -> logits (N×10 NumPy array)
     Inference mode: running statistics.

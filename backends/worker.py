@@ -151,7 +151,8 @@ def task_trajectory(b, args):
     batches = list(zip(args["xs"], args["ys"]))
 
     def run(impl):
-        kw = dict(lr=args["lr"], impl=impl, decay=args["decay"], dtype=args["dtype"])
+        kw = dict(lr=args["lr"], impl=impl, decay=args["decay"], dtype=args["dtype"],
+                  record=bool(args.get("record", False)))  # history for check_trajectory
         try:
             r = b.lenet_train(args["params"], batches, unbiased=False, **kw)
             r["unbiased"] = False
