@@ -88,11 +88,13 @@ class Backend(Protocol):
     # --- lenet.py ---------------------------------------------------------------------------
 
     def lenet_train(self, params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None,
-                    dtype="float64", device="cpu") -> dict:
+                    dtype="float64", device="cpu", record=False) -> dict:
         """Plain SGD on mean cross-entropy from the canonical parameter dict (`common.lenet`)
         over `batches`, an iterable of (x N×1×28×28 float, y int) NumPy pairs; one step per
         batch. Returns {"losses": [float per step], "params": canonical dict}. `unbiased=None`
-        keeps the impl's own running-variance convention."""
+        keeps the impl's own running-variance convention. `record=True` adds "history": the
+        canonical dict (NumPy, in `dtype`) after every step, for
+        `common.lenet_reference.check_trajectory`."""
 
     def lenet_eval(self, params, x, *, impl, dtype="float64", device="cpu"):
         """Logits (N×10 NumPy array) of LeNet-BN with canonical `params` on N×1×28×28 `x`, in

@@ -82,7 +82,7 @@ WRONG = {
                    ["lenet_eval: parameter 'impl' is positional or keyword, the contract's is "
                     "keyword-only"]),
     "renamed": ("lenet_train", lambda params, batches, *, lr, impl, eps=1e-5, momentum=0.9,
-                unbiased=None, dtype="float64", device="cpu": None,
+                unbiased=None, dtype="float64", device="cpu", record=False: None,
                 ["lenet_train: missing parameter(s) decay"]),  # momentum=0.9 alone: an option
     "extra without default": (
         "speed_timer", lambda *, impl, device="auto", batch_size=256, dtype="float32", steps=50,
@@ -318,3 +318,17 @@ def test_speed_timer_is_warm_on_creation_and_times_each_run(name, impl):
     for bad in (dict(steps=0), dict(batch_size=2.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             b.speed_timer(impl=impl, device="cpu", **{"batch_size": 16, "steps": 2, **bad})
+
+
+@pytest.mark.parametrize("name", backends.names())
+@pytest.mark.parametrize("impl", ["scratch", "native"])
+def test_source_timer_trains_the_way_the_sources_do(name, impl):
+    """The speed report's baseline: the textbook model and loop, on the host-to-device path."""
+    b = load_backend(name)
+    timer = b.source_timer(impl=impl, device="cpu", batch_size=16, steps=2)
+    assert timer.info["device"].startswith("cpu") and timer.info["path"].startswith("source style")
+    before = timer.loss_sum
+    assert timer.run()["examples_per_s"] > 0
+    assert np.isfinite(timer.loss_sum) and timer.loss_sum > before  # losses were read back per batch
+    with pytest.raises(ValueError, match="impl"):
+        b.source_timer(impl="scratch-analytic", device="cpu", batch_size=16, steps=2)

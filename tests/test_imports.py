@@ -24,6 +24,7 @@ def test_common_and_registry_import_no_framework():
     out = _run(f"""
         import json, sys
         import common, common.spec, common.reference, common.lenet, common.data, common.conventions
+        import common.lenet_reference
         import backends, backends.contract
         backends.names()
         backends.contract.names()

@@ -73,13 +73,24 @@ def test_training_with_a_non_finite_result_is_a_failure(field):
     assert train.problems("x/scratch", {"error": "boom"}) == ["x/scratch: boom"]
 
 
-def test_trajectory_fails_a_run_whose_losses_are_nan():
+def test_trajectory_fails_a_run_whose_losses_or_params_are_nan():
+    """Runs answered by the reference itself pass; NaN in a loss or a parameter fails."""
+    from common import lenet_reference
+
     params = lenet.init_params(0)
-    good = {"losses": [2.3, 2.2], "params": params}
-    bad = {"losses": [2.3, NAN], "params": params}
-    summary, failures = trajectory.summarise({"a/scratch": good, "b/scratch": bad}, "float64", {})
-    assert summary["runs"]["a/scratch"]["pass"]
-    assert not summary["runs"]["b/scratch"]["pass"] and failures
+    rng = np.random.default_rng(0)
+    batches = [(rng.random((8, 1, 28, 28)), rng.integers(0, 10, 8)) for _ in range(2)]
+    good = lenet_reference.train(params, batches, lr=1.0, record=True)
+    bad_loss = dict(good, losses=[good["losses"][0], NAN])
+    history = [dict(h) for h in good["history"]]
+    history[1]["fc3.bias"] = np.full(10, NAN)
+    bad_param = dict(good, history=history, params=history[1])
+    summary, failures = trajectory.summarise(
+        {"a/scratch": good, "b/scratch": bad_loss, "c/scratch": bad_param}, params, batches,
+        lr=1.0, dtype="float64", claimed={})
+    assert summary["a/scratch"]["pass"] and not summary["b/scratch"]["pass"]
+    assert not summary["c/scratch"]["pass"] and len(failures) == 2
+    assert "history" not in summary["a/scratch"] and "params" not in summary["a/scratch"]
 
 
 def test_md_table_escapes_pipes_and_newlines():

@@ -156,9 +156,10 @@ def _jitted_logits(impl, eps):
 
 
 def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None,
-                dtype="float64", device="cpu") -> dict:
+                dtype="float64", device="cpu", record=False) -> dict:
     """The contract's lenet_train: plain SGD from canonical `params` over NCHW `batches`, one
-    jitted step per batch; losses are read back once, after the last step."""
+    jitted step per batch; losses are read back once, after the last step. `record` keeps
+    every step's state and returns it as "history" (canonical dicts)."""
     check_impl(impl)
     dt = check_dtype(dtype)
     dev, _ = select_device(device)
@@ -167,15 +168,24 @@ def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None
     with x64_mode(dt):
         variables = jax.device_put(variables, dev)
         state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-        losses = []
+        losses, states = [], []
         for x, y in batches:
             xb = jax.device_put(nchw_to_nhwc(np.asarray(x, dtype=dt)), dev)
             yb = jax.device_put(np.asarray(y, dtype=np.int32), dev)
             state, loss, _ = step(state, xb, yb)
             losses.append(loss)
+            if record:
+                states.append(state[:2])
         losses = [float(v) for v in jax.device_get(losses)]
-        out = from_flax({"params": state[0], "batch_stats": state[1]}, impl)
-    return {"losses": losses, "params": {k: v.astype(dt) for k, v in out.items()}}
+
+        def canonical(s):
+            out = from_flax({"params": s[0], "batch_stats": s[1]}, impl)
+            return {k: v.astype(dt) for k, v in out.items()}
+
+        result = {"losses": losses, "params": canonical(state)}
+        if record:
+            result["history"] = [canonical(s) for s in jax.device_get(states)]
+    return result
 
 
 def lenet_eval(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5):

@@ -95,8 +95,9 @@ def _ctx(device):
 
 
 def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None,
-                dtype="float64", device="cpu") -> dict:
-    """Plain SGD on mean cross-entropy, one step per batch, from canonical `params`.
+                dtype="float64", device="cpu", record=False) -> dict:
+    """Plain SGD on mean cross-entropy, one step per batch, from canonical `params`; with
+    `record`, "history" holds the canonical dict after every step.
 
     `unbiased=None` keeps both impls' own (biased) running variance. The native layer applies
     its momentum as a float32 (conventions()["native"]["momentum_dtype"]), so in float64 its
@@ -111,7 +112,7 @@ def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None
     net.hybridize(static_alloc=True)
     trainable = [p for p in net.collect_params().values() if p.grad_req != "null"]
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    losses = []
+    losses, history = [], []
     for x, y in batches:
         X = mx.nd.array(x, dtype=dtype, ctx=ctx)
         Y = mx.nd.array(y, dtype=dtype, ctx=ctx)
@@ -121,7 +122,12 @@ def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None
         for p in trainable:
             p.data()[:] -= lr * p.grad()
         losses.append(float(loss.asscalar()))
-    return {"losses": losses, "params": to_canonical(net)}
+        if record:
+            history.append(to_canonical(net))
+    out = {"losses": losses, "params": to_canonical(net)}
+    if record:
+        out["history"] = history
+    return out
 
 
 def lenet_eval(params, x, *, impl, dtype="float64", device="cpu") -> np.ndarray:

@@ -117,20 +117,26 @@ def _images(x, dtype, device):
 
 
 def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None,
-                dtype="float64", device="cpu") -> dict:
+                dtype="float64", device="cpu", record=False) -> dict:
     """Plain SGD on mean cross-entropy over `batches` of (x, y) NumPy pairs; running statistics
-    update as `impl` does. Returns {"losses": [float per step], "params": canonical dict}."""
+    update as `impl` does. Returns {"losses": [float per step], "params": canonical dict}, and
+    with `record` "history": the canonical dict after every step."""
     dev, _ = resolve_device(device)
     tdt = torch_dtype(dtype)
     model = build_lenet(impl, eps=eps, decay=decay, unbiased=unbiased, device=dev, dtype=tdt,
                         params=params)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    losses = []
+    losses, history = [], []
     for x, y in batches:
         yb = torch.as_tensor(np.asarray(y), dtype=torch.int64).to(dev)
         losses.append(sgd_step(model, opt, _images(x, tdt, dev), yb)[0])
-    return {"losses": torch.stack(losses).tolist() if losses else [], "params": get_params(model)}
+        if record:
+            history.append(get_params(model))
+    out = {"losses": torch.stack(losses).tolist() if losses else [], "params": get_params(model)}
+    if record:
+        out["history"] = history
+    return out
 
 
 def lenet_eval(params, x, *, impl, dtype="float64", device="cpu") -> np.ndarray:
