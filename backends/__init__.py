@@ -90,6 +90,16 @@ def check_layer_config(num_features, num_dims, eps, decay) -> int:
     return num_features
 
 
+SYNTHETIC_IMAGES = 60_000  # the Fashion-MNIST training set's size
+
+
+def synthetic_batches(batch_size: int, wanted: int) -> int:
+    """How many distinct synthetic batches a speed timer holds: `wanted`, but no more images in
+    all than the Fashion-MNIST training set (one batch at least), so a large batch size cannot
+    make a timer allocate gigabytes."""
+    return max(1, min(wanted, SYNTHETIC_IMAGES // batch_size))
+
+
 def speed_result(info: dict, runs: list[dict]) -> dict:
     """A speed record from a timer's `info` and its `run()` results: each measured key's median
     (e.g. "examples_per_s") with the list of runs beside it ("runs"; "eager_runs" for

@@ -332,3 +332,9 @@ def test_source_timer_trains_the_way_the_sources_do(name, impl):
     assert np.isfinite(timer.loss_sum) and timer.loss_sum > before  # losses were read back per batch
     with pytest.raises(ValueError, match="impl"):
         b.source_timer(impl="scratch-analytic", device="cpu", batch_size=16, steps=2)
+
+
+def test_speed_timers_hold_at_most_a_training_set_of_synthetic_images():
+    assert backends.synthetic_batches(256, 16) == 16
+    assert backends.synthetic_batches(5_000, 16) == 12  # 60,000 images at most
+    assert backends.synthetic_batches(60_000, 50) == 1 and backends.synthetic_batches(100_000, 50) == 1

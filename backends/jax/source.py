@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from backends import positive_int
+from backends import positive_int, synthetic_batches
 from common import lenet as canon
 
 from .bn import SCRATCH_EPS, SCRATCH_MOMENTUM, check_dtype, textbook_batch_norm, x64_mode
@@ -87,7 +87,7 @@ class SourceTimer:
         self.dev, desc = select_device(device)
         self.model = SourceLeNet(impl)
         rng = np.random.default_rng(0)
-        count = min(SOURCE_BATCHES, max(1, 60_000 // self.batch_size))
+        count = synthetic_batches(self.batch_size, SOURCE_BATCHES)
         self.batches = [(rng.random((self.batch_size, 28, 28, 1)).astype(self.dt),
                          rng.integers(0, 10, self.batch_size).astype(np.int32)) for _ in range(count)]
         with x64_mode(self.dt), jax.default_device(self.dev):

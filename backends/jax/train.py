@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from backends import epoch_line, positive_int, time_alone
+from backends import epoch_line, positive_int, synthetic_batches, time_alone
 from backends.jax.bn import check_dtype, check_impl, x64_mode
 from backends.jax.device import select_device
 from backends.jax.lenet import build, make_train_step, nchw_to_nhwc, to_flax
@@ -217,7 +217,7 @@ class SpeedTimer:
     def __init__(self, *, impl, device="auto", batch_size=256, dtype="float32", steps=50):
         batch_size, steps = positive_int("batch_size", batch_size), positive_int("steps", steps)
         rng = np.random.default_rng(0)
-        n = batch_size * steps
+        n = batch_size * synthetic_batches(batch_size, steps)  # an epoch: up to `steps` steps
         x = rng.uniform(0.0, 1.0, size=(n, 1, 28, 28)).astype(dtype)
         y = rng.integers(0, 10, size=n)
         ds = cdata.Dataset(x, y, x[:batch_size], y[:batch_size], "synthetic")

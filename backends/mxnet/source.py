@@ -11,7 +11,7 @@ import numpy as np
 from mxnet import autograd, gluon, init
 from mxnet.gluon import nn
 
-from backends import positive_int
+from backends import positive_int, synthetic_batches
 from common import lenet as canon
 
 from .bn import SOURCE_EPS, SOURCE_MOMENTUM, textbook_batch_norm
@@ -73,7 +73,7 @@ class SourceTimer:
         self.loss = gluon.loss.SoftmaxCrossEntropyLoss()
         self.trainer = None
         rng = np.random.default_rng(0)
-        count = min(SOURCE_BATCHES, max(1, 60_000 // self.batch_size))
+        count = synthetic_batches(self.batch_size, SOURCE_BATCHES)
         self.batches = [(mx.nd.array(rng.random((self.batch_size, 1, 28, 28)), dtype=dtype),
                          mx.nd.array(rng.integers(0, 10, self.batch_size), dtype=dtype))
                         for _ in range(count)]

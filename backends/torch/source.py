@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backends import positive_int
+from backends import positive_int, synthetic_batches
 from common import lenet as canon
 
 from .bn import textbook_batch_norm
@@ -74,7 +74,7 @@ class SourceTimer:
         self.opt = torch.optim.SGD(self.net.parameters(), lr=canon.DEFAULT_LR)
         self.loss = nn.CrossEntropyLoss()
         rng = np.random.default_rng(0)
-        count = min(SOURCE_BATCHES, max(1, 60_000 // self.batch_size))
+        count = synthetic_batches(self.batch_size, SOURCE_BATCHES)
         self.batches = [(torch.as_tensor(rng.random((self.batch_size, 1, 28, 28)), dtype=tdt),
                          torch.as_tensor(rng.integers(0, 10, self.batch_size)))
                         for _ in range(count)]

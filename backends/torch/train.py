@@ -220,11 +220,12 @@ class SpeedTimer:
         tdt = torch_dtype(dtype)
         rng = np.random.default_rng(seed)
         batch_size = self.batch_size
-        n = SPEED_BATCHES * batch_size
+        count = synthetic_batches(batch_size, SPEED_BATCHES)
+        n = count * batch_size
         dev = self.dev
         X = torch.as_tensor(rng.random((n, 1, 28, 28)), dtype=tdt).to(dev)
         Y = torch.as_tensor(rng.integers(0, 10, n), dtype=torch.int64).to(dev)
-        order = torch.as_tensor(rng.permutation(n).reshape(SPEED_BATCHES, batch_size)).to(dev)
+        order = torch.as_tensor(rng.permutation(n).reshape(count, batch_size)).to(dev)
         params = canon.init_params(seed)
 
         def setup(p):
