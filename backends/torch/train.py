@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from backends import DeviceUnavailable, epoch_line, positive_int, time_alone
+from backends import DeviceUnavailable, epoch_line, positive_int, synthetic_batches, time_alone
 from common import lenet as canon
 from common.data import batch_indices
 
