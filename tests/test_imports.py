@@ -22,7 +22,8 @@ def test_common_and_registry_import_no_framework():
     out = _run(f"""
         import json, sys
         import common, common.spec, common.reference, common.lenet, common.data, common.conventions
-        import backends
+        import common.sync
+        import backends, backends.pool
         backends.names()
         print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})))
     """)
