@@ -1,0 +1,190 @@
+"""Worker processes for the multi-device runs (`backends.<name>.sync`): started once, reused for
+many jobs, bounded by timeouts, and never left behind. Imports no framework.
+
+A `WorkerPool` spawns `size` processes with the 'spawn' start method (a fresh interpreter: no
+framework threads, XLA client or OpenMP pool is inherited through fork). Each worker updates its
+environment, then imports and runs `init(rank, size, *init_args)`, given as "module:function" so
+that nothing is imported before the environment is set (XLA_FLAGS must precede JAX's import),
+and serves jobs: `fn(state, *args)`, `state` being what `init` returned. `run` waits for every
+rank's answer; when a rank raises, dies, or stays silent past the timeout, the pool kills and
+joins EVERY worker and raises `WorkerError`, one line naming the rank and the reason. A worker
+whose parent has gone exits on its own.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import multiprocessing
+import os
+import queue
+import time
+import traceback
+import weakref
+
+POLL_S = 0.05
+
+
+class WorkerError(RuntimeError):
+    """A worker raised, died, or did not answer in time; every worker of the pool was killed.
+    `details` holds the workers' tracebacks, if any came back."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+def _one_line(e: BaseException) -> str:
+    """`Type: message` on one line; for a message that embeds a traceback (MXNet's), its last
+    line, which holds the error."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    text = (lines[-1] if lines[0].startswith("Traceback") else lines[0]) if lines else ""
+    return f"{type(e).__name__}: {text}".rstrip(": ")
+
+
+def _resolve(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _serve(rank, size, init, init_args, env, parent, jobs, results):
+    """A worker's life: environment, init, then jobs until None (or the parent is gone)."""
+    os.environ.update(env)
+    try:
+        state = _resolve(init)(rank, size, *init_args)
+    except BaseException as e:  # noqa: BLE001  (reported to the parent, which decides)
+        results.put((None, rank, False, _one_line(e), traceback.format_exc()))
+        return
+    results.put((None, rank, True, None, ""))
+    while True:
+        try:
+            job = jobs.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if job is None:
+            break
+        job_id, fn, args = job
+        try:
+            results.put((job_id, rank, True, fn(state, *args), ""))
+        except BaseException as e:  # noqa: BLE001
+            results.put((job_id, rank, False, _one_line(e), traceback.format_exc()))
+    close = getattr(state, "close", None)
+    if callable(close):
+        close()
+
+
+def _kill(procs):
+    started = [p for p in procs if p.pid is not None]
+    for p in started:
+        if p.is_alive():
+            p.kill()
+    for p in started:
+        p.join(timeout=10)
+
+
+class WorkerPool:
+    """`size` spawned worker processes serving jobs (see the module docstring).
+
+    `env`: variables set in each worker before `init` is imported. `timeout`: seconds a job may
+    take (per `run`, overridable); `start_timeout`: seconds for every worker to finish `init`.
+    Use as a context manager, or call `close()`.
+    """
+
+    def __init__(self, size: int, init: str, init_args=(), *, env=None, timeout=60.0,
+                 start_timeout=120.0, name="worker"):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"a pool needs an int >= 1 of workers, got {size!r}")
+        if not (timeout > 0 and start_timeout > 0):
+            raise ValueError(f"timeouts must be positive, got {timeout!r} and {start_timeout!r}")
+        ctx = multiprocessing.get_context("spawn")
+        self.size, self.timeout, self.name = size, float(timeout), name
+        self._ids = itertools.count()
+        self._results = ctx.Queue()
+        self._jobs = [ctx.Queue() for _ in range(size)]
+        env = {str(k): str(v) for k, v in (env or {}).items()}
+        self._procs = [
+            ctx.Process(target=_serve, name=f"{name}-{rank}", daemon=True,
+                        args=(rank, size, init, tuple(init_args), env, os.getpid(),
+                              self._jobs[rank], self._results))
+            for rank in range(size)]
+        self._finalizer = weakref.finalize(self, _kill, self._procs)
+        self.closed = False
+        for p in self._procs:
+            p.start()
+        self.init_results = self._collect(None, start_timeout, "start")
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def run(self, fn, per_rank_args, timeout=None) -> list:
+        """`fn(state, *per_rank_args[rank])` on every rank; the results in rank order. A
+        failure of any rank kills every worker and raises WorkerError (the pool is closed)."""
+        if self.closed:
+            raise WorkerError(f"{self.name} pool is closed (a worker failed earlier, or close() "
+                              "was called)")
+        per_rank_args = list(per_rank_args)
+        if len(per_rank_args) != self.size:
+            raise ValueError(f"run needs arguments for {self.size} ranks, got "
+                             f"{len(per_rank_args)}")
+        job_id = next(self._ids)
+        for rank, args in enumerate(per_rank_args):
+            self._jobs[rank].put((job_id, fn, tuple(args)))
+        return self._collect(job_id, self.timeout if timeout is None else float(timeout),
+                             getattr(fn, "__name__", "job"))
+
+    def _collect(self, job_id, timeout, what):
+        answers, deadline = {}, time.monotonic() + timeout
+        while len(answers) < self.size:
+            try:
+                got_id, rank, ok, value, details = self._results.get(timeout=POLL_S)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(self._procs)
+                        if r not in answers and p.exitcode is not None]
+                if dead:
+                    r, code = dead[0]
+                    self._fail(f"{self.name} rank {r} died (exit code {code}) during {what}",
+                               answers, culprit=r)
+                if time.monotonic() > deadline:
+                    silent = [r for r in range(self.size) if r not in answers]
+                    self._fail(f"{self.name} rank(s) {silent} gave no answer to {what} within "
+                               f"{timeout:g} s", answers)
+                continue
+            if got_id != job_id:
+                continue  # a late answer to an earlier job
+            if not ok:
+                self._fail(f"{self.name} rank {rank} failed in {what}: {value}", answers,
+                           details, culprit=rank)
+            answers[rank] = value
+        return [answers[r] for r in range(self.size)]
+
+    def _fail(self, message, answers, details="", culprit=None):
+        waiting = [r for r in range(self.size) if r not in answers and r != culprit]
+        self.close(kill=True)
+        if culprit is not None and waiting:
+            message += f" (rank(s) {waiting} had not answered)"
+        raise WorkerError(f"{message}; killed all {self.size} workers", details)
+
+    def close(self, kill=False):
+        """Stop every worker (ask, then kill what is left after 10 s; at once if `kill`) and
+        join them all."""
+        if self.closed:
+            return
+        self.closed = True
+        if not kill:
+            for q in self._jobs:
+                q.put(None)
+            for p in self._procs:
+                p.join(timeout=10)
+        _kill(self._procs)
+        for q in self._jobs + [self._results]:
+            q.cancel_join_thread()
+            q.close()
+        self._finalizer.detach()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close(kill=exc[0] is not None)
