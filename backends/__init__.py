@@ -70,6 +70,42 @@ exact_numerics() -> None
     Turn off TF32 and reduced-precision matmuls in this process (for agreement/trajectory runs on
     a GPU). A no-op where the framework has none.
 
+Synchronized batch norm (in sync.py; framework-free parts in `common.sync`, worker processes in
+`backends.pool`):
+
+SYNC_IMPLS: ("scratch", "native"). "scratch" merges per-worker (count, mean, M2) count-weighted
+    (Chan), so unequal and empty shards give the full-batch statistics; "native" is the
+    framework's own layer, measured as it is (torch.nn.SyncBatchNorm, flax BatchNorm(axis_name),
+    MXNet contrib SyncBatchNorm).
+
+SyncGroup(world_size, *, timeout=...) -> context manager
+    The engine's workers, started once and reused: torch, `world_size` processes in one
+    torch.distributed group (gloo on CPU over loopback, nccl with a GPU per worker); jax, one
+    child process whose JAX sees `world_size` devices (virtual CPU devices via
+    --xla_force_host_platform_device_count); mxnet, one child process with `world_size` CPU
+    contexts and a kvstore. Serves any world size up to its own. A worker that raises, dies or
+    hangs past the timeout kills every worker: `backends.pool.WorkerError`, one line.
+    `.info`: {"engine", "world_size", "processes", "devices"}.
+
+sync_bn_step(xs, gamma, beta, running_mean, running_var, dys, *, training, eps=1e-5, decay=0.9,
+             unbiased=False, impl="scratch", group=None) -> dict
+    One step on len(xs) workers, NumPy in and out: `xs`/`dys` one array per worker (2-D or 4-D,
+    row counts may differ, 0 included). Returns y and dx as lists (one per worker), dgamma and
+    dbeta all-reduced, and the running statistics; it must equal `common.sync.reference_step`
+    (float64 within 1e-12 relative, float32 within 1e-5). `group`: a SyncGroup to run on (None:
+    one started for the call). Bad shards raise one-line ValueErrors (`common.sync.
+    validate_shards`); a setting or device the impl cannot serve raises UnsupportedSetting /
+    DeviceUnavailable with the framework's own reason.
+
+sync_lenet_train(params, batches, *, world_size, shard_sizes=None, sync=True, lr, eps=1e-5,
+                 decay=0.9, unbiased=None, dtype="float64", group=None) -> dict
+    Data-parallel LeNet-BN (from-scratch batch norm): each batch split by `shard_sizes` (default
+    as equal as possible), the loss Σ cross-entropy / batch size, gradients all-reduced, so the
+    update is full-batch SGD. sync=True normalises over the whole batch (the float64 trajectory
+    equals `lenet_train`'s to 1e-10); sync=False with each worker's own statistics (running
+    statistics then rank 0's). Returns {"losses", "params", "seconds"} (seconds: the training
+    loop on the workers after compilation, communication included).
+
 versions() -> {package: version} of the framework packages this backend uses.
 """
 from __future__ import annotations

@@ -8,8 +8,10 @@ import torch  # noqa: F401  (fail here, cleanly, when torch is missing)
 
 from .bn import IMPLS, BatchNorm, batch_norm, batch_norm_analytic, bn_step, conventions, probe
 from .lenet import lenet_eval, lenet_train
+from .sync import SYNC_IMPLS, SyncGroup, sync_bn_step, sync_lenet_train
 from .train import DeviceSteps, exact_numerics, fit, speed, speed_timer, versions
 
 __all__ = ["IMPLS", "BatchNorm", "batch_norm", "batch_norm_analytic", "bn_step", "conventions",
            "probe", "lenet_train", "lenet_eval", "fit", "speed", "speed_timer", "exact_numerics",
-           "DeviceSteps", "versions"]
+           "DeviceSteps", "versions", "SYNC_IMPLS", "SyncGroup", "sync_bn_step",
+           "sync_lenet_train"]
