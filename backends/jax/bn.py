@@ -202,18 +202,20 @@ def _to_first(a):
     return np.moveaxis(a, -1, 1) if a.ndim == 4 else a
 
 
-def layer_step(layer, impl, x, variables, dy, *, training):
+def layer_step(layer, impl, x, variables, dy, *, training, **call_kwargs):
     """One forward + vjp of a Flax batch-norm `layer` on channels-last `x`: returns
-    (y, dx, dgamma, dbeta, {running_mean, running_var}) as JAX arrays."""
+    (y, dx, dgamma, dbeta, {running_mean, running_var}) as JAX arrays. `call_kwargs` go to
+    the layer's call (e.g. `mask=`)."""
     names = VARIABLE_NAMES[impl]
     stats = variables["batch_stats"]
 
     def forward(x, gamma, beta):
         v = {"params": {names["gamma"]: gamma, names["beta"]: beta}, "batch_stats": stats}
         if training:
-            y, updated = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+            y, updated = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"],
+                                     **call_kwargs)
             return y, updated["batch_stats"]
-        return layer.apply(v, x, use_running_average=True), stats
+        return layer.apply(v, x, use_running_average=True, **call_kwargs), stats
 
     p = variables["params"]
     y, vjp, new_stats = jax.vjp(forward, x, p[names["gamma"]], p[names["beta"]], has_aux=True)
