@@ -12,6 +12,7 @@ whose parent has gone exits on its own.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import multiprocessing
@@ -188,3 +189,47 @@ class WorkerPool:
 
     def __exit__(self, *exc):
         self.close(kill=exc[0] is not None)
+
+
+def check_world_size(world_size) -> int:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    return world_size
+
+
+class EngineGroup:
+    """What every backend's `SyncGroup` shares: a started `WorkerPool` (`pool`) serving an engine
+    of `world_size` workers, described by `info` ({"engine", "world_size", "processes",
+    "devices"}); `run` hands a job to every worker process; a context manager that kills the
+    workers when its block raises."""
+
+    def __init__(self, world_size, pool, engine, devices):
+        self.world_size, self.pool, self.devices = world_size, pool, devices
+        self.info = {"engine": engine, "world_size": world_size, "processes": pool.size,
+                     "devices": devices}
+
+    def run(self, fn, per_process_args, timeout=None):
+        return self.pool.run(fn, per_process_args, timeout)
+
+    def close(self, kill=False):
+        self.pool.close(kill=kill)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close(kill=exc[0] is not None)
+
+
+@contextlib.contextmanager
+def group_for(group, world_size, start):
+    """`group` if given (ValueError if it has fewer than `world_size` workers), else
+    `start(world_size)`, closed when the block ends."""
+    if group is not None:
+        if world_size > group.world_size:
+            raise ValueError(f"world size {world_size} but the group has {group.world_size} "
+                             "workers")
+        yield group
+        return
+    with start(world_size) as g:
+        yield g

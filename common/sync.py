@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from common import lenet
 from common.reference import (RESULT_KEYS, bn_step, error, float_dtype, reduce_axes,
                               validate_inputs)
+from common.spec import check_decay
 
 # Agreement with the full-batch reference, relative to max(1, max |ref|) (common.reference.error):
 # float64 differs only in summation order (Chan's merge vs one two-pass sum, ~1e-16 relative
@@ -134,6 +136,22 @@ def shard_batches(batches, world_size, shard_sizes=None, *, sync=True) -> list[l
                              "shard of 1 row, too few for a batch variance (use sync=True)")
         per_step.append(list(zip(split(x, sizes), split(y, sizes))))
     return per_step
+
+
+def training_job(params, batches, *, world_size, shard_sizes, sync, lr, eps, decay, unbiased,
+                 dtype):
+    """What every backend's `sync_lenet_train` hands its workers, checked: (the canonical
+    parameters cast to `dtype`, the per-batch shards of `shard_batches`, the options dict
+    {sync, lr, eps, decay, unbiased, dtype name})."""
+    lenet.validate_params(params)
+    dt = float_dtype(dtype)
+    check_decay(decay)
+    if not (np.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    per_step = shard_batches(batches, world_size, shard_sizes, sync=sync)
+    opts = dict(sync=bool(sync), lr=float(lr), eps=float(eps), decay=float(decay),
+                unbiased=bool(unbiased), dtype=dt.name)
+    return lenet.cast(params, dt), per_step, opts
 
 
 def validate_shards(xs, gamma, beta, running_mean, running_var, dys, *, training, eps, decay,

@@ -125,8 +125,9 @@ class BatchNorm(nn.Module):
     unbiased: bool = False
     param_dtype: object = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, use_running_average: bool | None = None):
+    def state(self, x, use_running_average):
+        """(training?, gamma, beta, moving_mean, moving_var) for input `x`; call from a compact
+        method (this one's and the synchronized subclass's `__call__`)."""
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
         c = (x.shape[-1],)
@@ -134,6 +135,12 @@ class BatchNorm(nn.Module):
         beta = self.param("beta", nn.initializers.zeros, c, self.param_dtype)
         moving_mean = self.variable("batch_stats", "moving_mean", jnp.zeros, c, self.param_dtype)
         moving_var = self.variable("batch_stats", "moving_var", jnp.ones, c, self.param_dtype)
+        return use_running_average, gamma, beta, moving_mean, moving_var
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None):
+        use_running_average, gamma, beta, moving_mean, moving_var = self.state(
+            x, use_running_average)
         y, new_mean, new_var = batch_norm(
             x, gamma, beta, moving_mean.value, moving_var.value, self.epsilon, self.momentum,
             training=not use_running_average, unbiased=self.unbiased)

@@ -33,14 +33,13 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from backends import UnsupportedSetting
-from backends.pool import WorkerPool
-from common import lenet as canon
+from backends.pool import EngineGroup, WorkerPool, check_world_size, group_for
 from common import spec
 from common.reference import float_dtype
-from common.sync import at_least_one, merge_moments, shard_batches, validate_shards
+from common.sync import at_least_one, merge_moments, training_job, validate_shards
 
-from .bn import (CONVENTION, SCRATCH_EPS, SCRATCH_MOMENTUM, _to_first, _to_last, batch_norm,
-                 layer_step, make_layer, to_variables, x64_mode)
+from .bn import (CONVENTION, BatchNorm, _to_first, _to_last, batch_norm, layer_step, make_layer,
+                 to_variables, x64_mode)
 from .lenet import LeNetBN, from_flax, nchw_to_nhwc, to_flax
 
 SYNC_IMPLS = ("scratch", "native")
@@ -94,28 +93,18 @@ def _bwd(eps, axis_name, res, cotangents):
 sync_batch_norm.defvjp(_fwd, _bwd)
 
 
-class SyncBatchNorm(nn.Module):
-    """The from-scratch `BatchNorm` (same variables: params gamma/beta, batch_stats
+class SyncBatchNorm(BatchNorm):
+    """The from-scratch `BatchNorm` (same fields and variables: params gamma/beta, batch_stats
     moving_mean/moving_var; momentum weighs the OLD value) with statistics over every device
     on `axis_name` (None: this device's) and an optional `mask` of the values that count. A
     training step whose statistics cover no value leaves the running statistics alone."""
 
     axis_name: str | None = None
-    use_running_average: bool | None = None
-    momentum: float = SCRATCH_MOMENTUM
-    epsilon: float = SCRATCH_EPS
-    unbiased: bool = False
-    param_dtype: object = jnp.float32
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average)
-        c = (x.shape[-1],)
-        gamma = self.param("gamma", nn.initializers.ones, c, self.param_dtype)
-        beta = self.param("beta", nn.initializers.zeros, c, self.param_dtype)
-        moving_mean = self.variable("batch_stats", "moving_mean", jnp.zeros, c, self.param_dtype)
-        moving_var = self.variable("batch_stats", "moving_var", jnp.ones, c, self.param_dtype)
+        use_running_average, gamma, beta, moving_mean, moving_var = self.state(
+            x, use_running_average)
         if use_running_average:
             return batch_norm(x, gamma, beta, moving_mean.value, moving_var.value, self.epsilon,
                               self.momentum, training=False)[0]
@@ -306,55 +295,34 @@ def _train_job(child, world_size, params, per_step, opts):
     return train_on_devices(child.devices[:world_size], params, per_step, **opts)
 
 
-class SyncGroup:
+class SyncGroup(EngineGroup):
     """One child process whose JAX sees `world_size` devices (on a CPU: virtual devices from
     --xla_force_host_platform_device_count), reused across calls; serves any world size up to
     `world_size`. A job that takes longer than `timeout` s, raises or crashes kills the child
     (WorkerError)."""
 
     def __init__(self, world_size, *, timeout=600.0):
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        world_size = check_world_size(world_size)
         flags = os.environ.get("XLA_FLAGS", "")
         env = {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={world_size}".strip(),
                # the parent may hold a GPU already: take memory as needed, not 75% up front
                "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-        self.world_size = world_size
-        self.pool = WorkerPool(1, "backends.jax.sync:_init_child", (world_size,), env=env,
-                               timeout=timeout, name="jax worker")
-        self.devices = self.pool.run(_info_job, [()])[0]
-        self.info = {"engine": "jax.shard_map (lax.all_gather/psum)", "world_size": world_size,
-                     "processes": 1, "devices": self.devices}
-
-    def run(self, fn, args, timeout=None):
-        return self.pool.run(fn, [args], timeout)[0]
-
-    def close(self, kill=False):
-        self.pool.close(kill=kill)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close(kill=exc[0] is not None)
+        pool = WorkerPool(1, "backends.jax.sync:_init_child", (world_size,), env=env,
+                          timeout=timeout, name="jax worker")
+        super().__init__(world_size, pool, "jax.shard_map (lax.all_gather/psum)",
+                         pool.run(_info_job, [()])[0])
 
 
 @contextlib.contextmanager
 def _runner(group, world_size):
-    """fn(job, *args) running `job` on `world_size` devices: on `group`, in this process if it
-    has the devices, else on a SyncGroup started for the call."""
-    if group is not None:
-        if world_size > group.world_size:
-            raise ValueError(f"world size {world_size} but the group has {group.world_size} "
-                             "devices")
-        yield lambda job, *args: group.run(job, args)
-        return
-    here = devices_for(world_size)
+    """fn(job, *args) running `job` on `world_size` devices: in this process if it has them and
+    no `group` is given, else on `group` or a SyncGroup started for the call."""
+    here = devices_for(world_size) if group is None else None
     if here is not None:
         yield lambda job, *args: job(_Devices(here), *args)
         return
-    with SyncGroup(world_size) as g:
-        yield lambda job, *args: g.run(job, args)
+    with group_for(group, world_size, SyncGroup) as g:
+        yield lambda job, *args: g.run(job, [args])[0]
 
 
 def sync_bn_step(xs, gamma, beta, running_mean, running_var, dys, *, training, eps=1e-5,
@@ -382,11 +350,8 @@ def sync_lenet_train(params, batches, *, world_size, shard_sizes=None, sync=True
     False: each device normalises with its own shard's statistics (running statistics are then
     device 0's). Returns {"losses", "params", "seconds"} (seconds: the jitted steps after
     compilation, communication included)."""
-    canon.validate_params(params)
-    dt = float_dtype(dtype)
-    spec.check_decay(decay)
-    per_step = shard_batches(batches, world_size, shard_sizes, sync=sync)
-    opts = dict(sync=bool(sync), lr=float(lr), eps=float(eps), decay=float(decay),
-                unbiased=bool(unbiased), dtype=dt.name)
+    params, per_step, opts = training_job(
+        params, batches, world_size=world_size, shard_sizes=shard_sizes, sync=sync, lr=lr,
+        eps=eps, decay=decay, unbiased=unbiased, dtype=dtype)
     with _runner(group, world_size) as run:
-        return run(_train_job, world_size, canon.cast(params, dt), per_step, opts)
+        return run(_train_job, world_size, params, per_step, opts)

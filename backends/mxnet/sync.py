@@ -24,7 +24,6 @@ Everything runs in a child process (`SyncGroup`), so a hang of the contrib layer
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -34,11 +33,10 @@ import mxnet as mx
 from mxnet import autograd, gluon
 
 from backends import UnsupportedSetting
-from backends.pool import WorkerPool
-from common import lenet as canon
+from backends.pool import EngineGroup, WorkerPool, check_world_size, group_for
 from common import spec
 from common.reference import float_dtype, reduce_axes
-from common.sync import at_least_one, merge_moments, shard_batches, validate_shards
+from common.sync import at_least_one, merge_moments, training_job, validate_shards
 
 from .bn import batch_norm
 from .lenet import LeNet, build, load_params, to_canonical
@@ -299,44 +297,17 @@ def train_job(engine, world_size, params, per_step, opts):
 
 # --- in the calling process --------------------------------------------------------------------
 
-class SyncGroup:
+class SyncGroup(EngineGroup):
     """One child process holding `world_size` CPU contexts and a local kvstore, reused across
     calls; serves any world size up to `world_size`. A job that takes longer than `timeout` s,
     raises or crashes kills the child (WorkerError)."""
 
     def __init__(self, world_size, *, timeout=600.0):
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-        self.world_size = world_size
-        self.pool = WorkerPool(1, "backends.mxnet.sync:_init_child", (world_size,),
-                               timeout=timeout, name="mxnet worker")
-        self.devices = self.pool.run(_info_job, [()])[0]
-        self.info = {"engine": "mxnet kvstore('local') over CPU contexts", "processes": 1,
-                     "world_size": world_size, "devices": self.devices}
-
-    def run(self, fn, args, timeout=None):
-        return self.pool.run(fn, [args], timeout)[0]
-
-    def close(self, kill=False):
-        self.pool.close(kill=kill)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close(kill=exc[0] is not None)
-
-
-@contextlib.contextmanager
-def _group_for(group, world_size):
-    if group is not None:
-        if world_size > group.world_size:
-            raise ValueError(f"world size {world_size} but the group has {group.world_size} "
-                             "contexts")
-        yield group
-        return
-    with SyncGroup(world_size) as g:
-        yield g
+        world_size = check_world_size(world_size)
+        pool = WorkerPool(1, "backends.mxnet.sync:_init_child", (world_size,), timeout=timeout,
+                          name="mxnet worker")
+        super().__init__(world_size, pool, "mxnet kvstore('local') over CPU contexts",
+                         pool.run(_info_job, [()])[0])
 
 
 def sync_bn_step(xs, gamma, beta, running_mean, running_var, dys, *, training, eps=1e-5,
@@ -364,9 +335,9 @@ def sync_bn_step(xs, gamma, beta, running_mean, running_var, dys, *, training, e
                 **{k: np.asarray(v, dt) for k, v in dict(
                     gamma=gamma, beta=beta, running_mean=running_mean,
                     running_var=running_var).items()})
-    with _group_for(group, len(sizes)) as g:
-        return g.run(step_job, ([np.asarray(x, dt) for x in xs], [np.asarray(d, dt) for d in dys],
-                                opts))
+    with group_for(group, len(sizes), SyncGroup) as g:
+        return g.run(step_job, [([np.asarray(x, dt) for x in xs],
+                                 [np.asarray(d, dt) for d in dys], opts)])[0]
 
 
 def sync_lenet_train(params, batches, *, world_size, shard_sizes=None, sync=True, lr, eps=1e-5,
@@ -377,11 +348,8 @@ def sync_lenet_train(params, batches, *, world_size, shard_sizes=None, sync=True
     normalises with its own shard's statistics (running statistics are then context 0's).
     Returns {"losses", "params", "seconds"} (seconds: the training loop, communication
     included)."""
-    canon.validate_params(params)
-    dt = float_dtype(dtype)
-    spec.check_decay(decay)
-    per_step = shard_batches(batches, world_size, shard_sizes, sync=sync)
-    opts = dict(sync=bool(sync), lr=float(lr), eps=float(eps), decay=float(decay),
-                unbiased=bool(unbiased), dtype=dt.name)
-    with _group_for(group, world_size) as g:
-        return g.run(train_job, (world_size, canon.cast(params, dt), per_step, opts))
+    params, per_step, opts = training_job(
+        params, batches, world_size=world_size, shard_sizes=shard_sizes, sync=sync, lr=lr,
+        eps=eps, decay=decay, unbiased=unbiased, dtype=dtype)
+    with group_for(group, world_size, SyncGroup) as g:
+        return g.run(train_job, [(world_size, params, per_step, opts)])[0]

@@ -16,7 +16,6 @@ the totals here too would count them twice, the nnabla PR 1120 bug).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -32,12 +31,12 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from backends import DeviceUnavailable, UnsupportedSetting
-from backends.pool import WorkerPool
+from backends.pool import EngineGroup, WorkerPool, check_world_size, group_for
 from common import lenet as canon
 from common import spec
 from common.reference import float_dtype, random_case
-from common.sync import (SHARDED_KEYS, TOLERANCE, errors, merge_moments, reference_step,
-                         shard_batches, split, validate_shards)
+from common.sync import (SHARDED_KEYS, TOLERANCE, errors, merge_moments, reference_step, split,
+                         training_job, validate_shards)
 
 from .bn import BatchNorm, _channel_sum, _layout, gamma_beta, make_layer
 from .lenet import build_lenet, get_params, torch_dtype
@@ -290,7 +289,7 @@ def _loopback_env() -> dict:
     return env
 
 
-class SyncGroup:
+class SyncGroup(EngineGroup):
     """`world_size` worker processes in one `torch.distributed` process group, started once and
     reused: `backend` "gloo" (CPU, loopback) or "nccl" (one CUDA GPU per rank; None picks). The
     rendezvous is a TCPStore held by this process on a free port. Collectives time out after
@@ -299,46 +298,21 @@ class SyncGroup:
     """
 
     def __init__(self, world_size, *, backend=None, timeout=60.0, job_timeout=600.0):
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        world_size = check_world_size(world_size)
         backend = backend or default_backend(world_size)
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
         if backend == "nccl" and torch.cuda.device_count() < world_size:
             raise DeviceUnavailable(f"nccl needs a CUDA GPU per worker: {world_size} workers, "
                                     f"{torch.cuda.device_count()} GPU(s) visible")
-        self.world_size, self.backend = world_size, backend
+        self.backend = backend
         self._store = dist.TCPStore(HOST, 0, world_size + 1, True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=timeout))
-        self.pool = WorkerPool(world_size, "backends.torch.sync:_init_worker",
-                               (HOST, self._store.port, backend, float(timeout)),
-                               env=_loopback_env(), timeout=job_timeout,
-                               name=f"torch {backend} worker")
-        self.devices = self.pool.run(_info_job, [()] * world_size)
-        self.info = {"engine": f"torch.distributed {backend}", "world_size": world_size,
-                     "processes": world_size, "devices": self.devices}
-
-    def run(self, fn, per_rank_args, timeout=None):
-        return self.pool.run(fn, per_rank_args, timeout)
-
-    def close(self, kill=False):
-        self.pool.close(kill=kill)
-        self._store = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close(kill=exc[0] is not None)
-
-
-@contextlib.contextmanager
-def _group_for(group, world_size):
-    if group is not None:
-        yield group
-        return
-    with SyncGroup(world_size) as g:
-        yield g
+        pool = WorkerPool(world_size, "backends.torch.sync:_init_worker",
+                          (HOST, self._store.port, backend, float(timeout)),
+                          env=_loopback_env(), timeout=job_timeout, name=f"torch {backend} worker")
+        super().__init__(world_size, pool, f"torch.distributed {backend}",
+                         pool.run(_info_job, [()] * world_size))
 
 
 def sync_bn_step(xs, gamma, beta, running_mean, running_var, dys, *, training, eps=1e-5,
@@ -356,7 +330,7 @@ def sync_bn_step(xs, gamma, beta, running_mean, running_var, dys, *, training, e
     common = [np.asarray(a, dt) for a in (gamma, beta, running_mean, running_var)]
     opts = dict(training=training, eps=eps, decay=decay, unbiased=unbiased if training else None,
                 impl=impl)
-    with _group_for(group, k) as g:
+    with group_for(group, k, SyncGroup) as g:
         args = [(k, np.asarray(xs[r], dt), np.asarray(dys[r], dt)) if r < k else
                 (k, None, None) for r in range(g.world_size)]
         outs = g.run(step_job, [a + (*common, opts) for a in args])[:k]
@@ -379,17 +353,12 @@ def sync_lenet_train(params, batches, *, world_size, shard_sizes=None, sync=True
     the whole batch; False: each worker normalises with its own shard's statistics (running
     statistics are then rank 0's). Returns {"losses", "params", "seconds"} (seconds: the
     training loop on the workers, communication included)."""
-    canon.validate_params(params)
-    dt = float_dtype(dtype)
-    spec.check_decay(decay)
-    per_step = shard_batches(batches, world_size, shard_sizes, sync=sync)
+    params, per_step, opts = training_job(
+        params, batches, world_size=world_size, shard_sizes=shard_sizes, sync=sync, lr=lr,
+        eps=eps, decay=decay, unbiased=unbiased, dtype=dtype)
     totals = [sum(len(x) for x, _ in shards) for shards in per_step]
     per_rank = [[shards[r] for shards in per_step] for r in range(world_size)]
-    opts = dict(dtype=dt.name, eps=eps, decay=decay, unbiased=unbiased, sync=bool(sync), lr=lr)
-    params = canon.cast(params, dt)
-    with _group_for(group, world_size) as g:
-        if world_size > g.world_size:
-            raise ValueError(f"world size {world_size} but the group has {g.world_size} workers")
+    with group_for(group, world_size, SyncGroup) as g:
         args = [(world_size, params, per_rank[r] if r < world_size else None, totals, opts)
                 for r in range(g.world_size)]
         losses, trained, seconds = g.run(train_job, args)[0]
