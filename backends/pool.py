@@ -23,6 +23,7 @@ import traceback
 import weakref
 
 POLL_S = 0.05
+GRACE_S = 1.0  # after a failure, how long to wait for the other ranks' answers
 
 
 class WorkerError(RuntimeError):
@@ -136,36 +137,55 @@ class WorkerPool:
                              getattr(fn, "__name__", "job"))
 
     def _collect(self, job_id, timeout, what):
-        answers, deadline = {}, time.monotonic() + timeout
-        while len(answers) < self.size:
+        """Every rank's answer to job `job_id`. After the first failure, waits up to GRACE_S for
+        the other ranks, so that a rank that died is named as the cause rather than the ranks
+        whose collectives broke because of it."""
+        answers, failed, deadline, grace = {}, {}, time.monotonic() + timeout, None
+        while len(answers) + len(failed) < self.size:
+            now = time.monotonic()
+            dead = {r: p.exitcode for r, p in enumerate(self._procs)
+                    if r not in answers and r not in failed and p.exitcode is not None}
+            if dead or (grace is not None and now > grace):
+                self._fail(what, answers, failed, dead)
+            if now > deadline:
+                silent = [r for r in range(self.size) if r not in answers]
+                self._fail(what, answers, failed, {}, f"rank(s) {silent} gave no answer to "
+                           f"{what} within {timeout:g} s")
             try:
                 got_id, rank, ok, value, details = self._results.get(timeout=POLL_S)
             except queue.Empty:
-                dead = [(r, p.exitcode) for r, p in enumerate(self._procs)
-                        if r not in answers and p.exitcode is not None]
-                if dead:
-                    r, code = dead[0]
-                    self._fail(f"{self.name} rank {r} died (exit code {code}) during {what}",
-                               answers, culprit=r)
-                if time.monotonic() > deadline:
-                    silent = [r for r in range(self.size) if r not in answers]
-                    self._fail(f"{self.name} rank(s) {silent} gave no answer to {what} within "
-                               f"{timeout:g} s", answers)
                 continue
             if got_id != job_id:
                 continue  # a late answer to an earlier job
-            if not ok:
-                self._fail(f"{self.name} rank {rank} failed in {what}: {value}", answers,
-                           details, culprit=rank)
-            answers[rank] = value
+            if ok:
+                answers[rank] = value
+            else:
+                failed[rank] = (value, details)
+                grace = grace or time.monotonic() + GRACE_S
+        if failed:
+            self._fail(what, answers, failed, {})
         return [answers[r] for r in range(self.size)]
 
-    def _fail(self, message, answers, details="", culprit=None):
-        waiting = [r for r in range(self.size) if r not in answers and r != culprit]
+    def _fail(self, what, answers, failed, dead, reason=None):
+        """Kill every worker and raise one line: the silence, else a dead rank, else the first
+        failure; the other failed or silent ranks after it."""
         self.close(kill=True)
-        if culprit is not None and waiting:
-            message += f" (rank(s) {waiting} had not answered)"
-        raise WorkerError(f"{message}; killed all {self.size} workers", details)
+        if reason is None:
+            if dead:
+                r, code = next(iter(sorted(dead.items())))
+                reason = f"rank {r} died (exit code {code}) during {what}"
+            else:
+                r = min(failed)
+                reason = f"rank {r} failed in {what}: {failed[r][0]}"
+            others = sorted((set(failed) | set(dead)) - {r})
+            waiting = [q for q in range(self.size) if q not in answers and q not in others
+                       and q != r]
+            if others:
+                reason += f"; rank(s) {others} failed too"
+            if waiting:
+                reason += f"; rank(s) {waiting} had not answered"
+        details = "\n".join(d for _, d in failed.values() if d)
+        raise WorkerError(f"{self.name} {reason}; killed all {self.size} workers", details)
 
     def close(self, kill=False):
         """Stop every worker (ask, then kill what is left after 10 s; at once if `kill`) and

@@ -29,12 +29,12 @@ WORLD = 4
 
 @pytest.fixture(scope="module")
 def engine():
-    """name -> (backend module, its SyncGroup of 4), each started on first use, all closed at the
-    end of the module."""
+    """name -> (backend module, its SyncGroup of 4), each started on first use (again if a test
+    killed it), all closed at the end of the module."""
     started = {}
 
     def get(name):
-        if name not in started:
+        if name not in started or started[name][1].pool.closed:
             b = load_backend(name)
             kw = {"timeout": 30.0, "job_timeout": 300.0} if name == "torch" else {"timeout": 300.0}
             started[name] = (b, b.SyncGroup(WORLD, **kw))
@@ -300,25 +300,48 @@ def _assert_gone(pids, before):
     assert _children() <= before, f"new child processes left: {_children() - before}"
 
 
-@pytest.mark.parametrize("fault, match", [
-    (sync_faults.crash_or_allreduce, "rank 1 died \\(exit code 3\\)|rank 0 failed"),
-    (sync_faults.hang_or_allreduce, "rank 0 failed in hang_or_allreduce: .*(imed out|imeout)"),
-])
-def test_a_crashed_or_hung_gloo_worker_ends_in_a_clear_error_and_no_orphans(fault, match):
-    """A real 2-process gloo group whose rank 1 dies or hangs while rank 0 is in an all-reduce
-    (collective timeout 3 s): WorkerError within seconds, every worker killed and reaped."""
-    tb = load_backend("torch")
-    before = _children()
-    group = tb.SyncGroup(2, backend="gloo", timeout=3.0, job_timeout=60.0)
+def _fault(group, fault, match, before):
     pids = group.pool.pids
     start = time.monotonic()
     with pytest.raises(WorkerError, match=match) as e:
-        group.run(fault, [(1,), (1,)])
+        group.run(fault, [(1,)] * group.world_size)
     assert time.monotonic() - start < 30
-    assert "killed all 2 workers" in str(e.value) and "\n" not in str(e.value)
+    assert f"killed all {group.world_size} workers" in str(e.value) and "\n" not in str(e.value)
     _assert_gone(pids, before)
     with pytest.raises(WorkerError, match="closed"):
-        group.run(sync_faults.pid, [(), ()])
+        group.run(sync_faults.pid, [()] * group.world_size)
+
+
+def test_a_crashed_gloo_worker_ends_in_a_clear_error_and_no_orphans(engine):
+    """Rank 1 of the module's 4-process gloo group dies while the others are in an all-reduce:
+    WorkerError at once, every worker killed and reaped (the fixture restarts the group for
+    any later test)."""
+    _, group = engine("torch")
+    before = _children() - set(group.pool.pids)
+    _fault(group, sync_faults.crash_or_allreduce,
+           "rank 1 died \\(exit code 3\\) during crash_or_allreduce", before)
+
+
+def test_a_hung_gloo_worker_ends_in_a_clear_error_and_no_orphans():
+    """A 2-process gloo group with a 3 s collective timeout: rank 1 hangs while rank 0 waits in
+    an all-reduce, which times out; WorkerError within seconds, every worker killed."""
+    tb = load_backend("torch")
+    before = _children()
+    group = tb.SyncGroup(2, backend="gloo", timeout=3.0, job_timeout=60.0)
+    _fault(group, sync_faults.hang_or_allreduce,
+           "rank 0 failed in hang_or_allreduce: .*(imed out|imeout).*; rank\\(s\\) \\[1\\] had "
+           "not answered", before)
+
+
+def test_a_call_without_a_group_starts_its_own_and_leaves_nothing_behind():
+    """jax: a temporary child process (torch and mxnet start theirs through the same
+    backends.pool.group_for)."""
+    b = load_backend("jax")
+    before = _children()
+    inputs = _case((6, 3), [5, 1], np.float64)
+    out = b.sync_bn_step(**inputs, training=True)
+    _check(out, cs.reference_step(**inputs, training=True), np.dtype(np.float64), [5, 1])
+    assert _children() <= before
 
 
 def test_a_silent_worker_is_killed_at_the_job_timeout():
