@@ -137,6 +137,39 @@ class Backend(Protocol):
               repeats=5) -> dict:
         """One impl alone: `backends.time_alone(speed_timer(...), repeats)`."""
 
+    # --- sync.py: synchronized batch norm (framework-free parts in common/sync.py, worker
+    # processes in backends/pool.py) ----------------------------------------------------------
+
+    SYNC_IMPLS: tuple[str, ...]
+    """("scratch", "native"). "scratch" merges per-worker (count, mean, M2) count-weighted
+    (Chan), so unequal and empty shards give the full-batch statistics; "native" is the
+    framework's own layer, measured as it is (torch.nn.SyncBatchNorm, flax BatchNorm(axis_name),
+    MXNet contrib SyncBatchNorm). Each backend also has `SyncGroup(world_size, *, timeout=...)`:
+    the engine's workers, started once and reused (torch: a torch.distributed group, gloo on CPU
+    over loopback, nccl with a GPU per worker; jax: a child process that sees `world_size`
+    devices; mxnet: a child process with `world_size` CPU contexts and a kvstore)."""
+
+    def sync_bn_step(self, xs, gamma, beta, running_mean, running_var, dys, *, training,
+                     eps=1e-5, decay=0.9, unbiased=False, impl="scratch") -> dict:
+        """One step on len(xs) workers, NumPy in and out: `xs`/`dys` one array per worker (2-D
+        or 4-D, row counts may differ, 0 included). Returns {"y": [per worker], "dx": [per
+        worker], "dgamma", "dbeta" (all-reduced totals), "running_mean", "running_var"}; it must
+        equal `common.sync.reference_step` (`common.reference.bn_step` on the concatenated
+        batch: float64 within 1e-12 relative, float32 within 1e-5). Backends add `group=None`:
+        a SyncGroup to run on (None: one started for the call). Bad shards raise one-line
+        ValueErrors (`common.sync.validate_shards`); a setting or device the impl cannot serve
+        raises UnsupportedSetting / DeviceUnavailable with the framework's own reason."""
+
+    def sync_lenet_train(self, params, batches, *, world_size, shard_sizes=None, sync=True, lr,
+                         eps=1e-5, decay=0.9, unbiased=None, dtype="float64") -> dict:
+        """Data-parallel LeNet-BN (from-scratch batch norm): each batch split by `shard_sizes`
+        (default as equal as possible), the loss Σ cross-entropy / batch size, gradients
+        all-reduced, so the update is full-batch SGD. sync=True normalises over the whole
+        batch (the float64 trajectory equals `lenet_train`'s to 1e-10); sync=False with each
+        worker's own statistics (running statistics then rank 0's). Returns {"losses",
+        "params", "seconds"} (seconds: the training loop on the workers after compilation,
+        communication included). Backends add `group=None` as for `sync_bn_step`."""
+
     def exact_numerics(self) -> None:
         """Turn off TF32 and reduced-precision matmuls in this process (for agreement and
         trajectory runs on a GPU). A no-op where the framework has none."""

@@ -38,7 +38,7 @@ def test_backend_conforms_to_the_contract(name):
 def conforming_fake(protocol=contract.Backend) -> types.ModuleType:
     """A module whose functions are the contract's own stubs (their `self` bound away)."""
     fake = types.ModuleType("fake_backend")
-    fake.IMPLS = ("scratch", "native")
+    fake.IMPLS = fake.SYNC_IMPLS = ("scratch", "native")
     for name, stub in contract.functions(protocol).items():
         if not contract.is_optional(stub):
             setattr(fake, name, functools.partial(stub, None))
@@ -53,7 +53,7 @@ def _speed_with_an_option(*, impl, device="auto", batch_size=256, dtype="float32
 def test_a_fake_built_from_the_contract_conforms():
     fake = conforming_fake()
     assert contract.check(fake) == []
-    assert contract.names() == ["IMPLS", *contract.functions()]
+    assert contract.names() == ["IMPLS", "SYNC_IMPLS", *contract.functions()]
     fake.speed = _speed_with_an_option
     fake.IMPLS = ("scratch", "scratch-analytic", "native")
     assert contract.check(fake) == []

@@ -24,8 +24,8 @@ def test_common_and_registry_import_no_framework():
     out = _run(f"""
         import json, sys
         import common, common.spec, common.reference, common.lenet, common.data, common.conventions
-        import common.lenet_reference
-        import backends, backends.contract
+        import common.lenet_reference, common.sync
+        import backends, backends.contract, backends.pool
         backends.names()
         backends.contract.names()
         print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})))

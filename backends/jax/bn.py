@@ -153,8 +153,9 @@ class BatchNorm(nn.Module):
     unbiased: bool = False
     param_dtype: object = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, use_running_average: bool | None = None):
+    def state(self, x, use_running_average):
+        """(training?, gamma, beta, moving_mean, moving_var) for input `x`; call from a compact
+        method (this one's and the synchronized subclass's `__call__`)."""
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
         c = (x.shape[-1],)
@@ -162,6 +163,12 @@ class BatchNorm(nn.Module):
         beta = self.param("beta", nn.initializers.zeros, c, self.param_dtype)
         moving_mean = self.variable("batch_stats", "moving_mean", jnp.zeros, c, self.param_dtype)
         moving_var = self.variable("batch_stats", "moving_var", jnp.ones, c, self.param_dtype)
+        return use_running_average, gamma, beta, moving_mean, moving_var
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None):
+        use_running_average, gamma, beta, moving_mean, moving_var = self.state(
+            x, use_running_average)
         y, new_mean, new_var = batch_norm(
             x, gamma, beta, moving_mean.value, moving_var.value, self.epsilon, self.momentum,
             training=not use_running_average, unbiased=self.unbiased)
@@ -240,18 +247,20 @@ def _to_first(a):
     return np.moveaxis(a, -1, 1) if a.ndim == 4 else a
 
 
-def layer_step(layer, impl, x, variables, dy, *, training):
+def layer_step(layer, impl, x, variables, dy, *, training, **call_kwargs):
     """One forward + vjp of a Flax batch-norm `layer` on channels-last `x`: returns
-    (y, dx, dgamma, dbeta, {running_mean, running_var}) as JAX arrays."""
+    (y, dx, dgamma, dbeta, {running_mean, running_var}) as JAX arrays. `call_kwargs` go to
+    the layer's call (e.g. `mask=`)."""
     names = VARIABLE_NAMES[impl]
     stats = variables["batch_stats"]
 
     def forward(x, gamma, beta):
         v = {"params": {names["gamma"]: gamma, names["beta"]: beta}, "batch_stats": stats}
         if training:
-            y, updated = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+            y, updated = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"],
+                                     **call_kwargs)
             return y, updated["batch_stats"]
-        return layer.apply(v, x, use_running_average=True), stats
+        return layer.apply(v, x, use_running_average=True, **call_kwargs), stats
 
     p = variables["params"]
     y, vjp, new_stats = jax.vjp(forward, x, p[names["gamma"]], p[names["beta"]], has_aux=True)

@@ -34,12 +34,27 @@ class LeNetBN(nn.Module):
     eps: float = 1e-5
     unbiased: bool = False
     precision: object = None  # matmul/conv precision (None: JAX's default for the device)
+    # Another batch-norm module class (e.g. the synchronized one of backends/jax/sync.py), built
+    # with momentum, epsilon, unbiased, use_running_average and name; None: `impl`'s layer.
+    bn_module: object = None
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
+        """Logits of `x` (NHWC). `mask` (N,), where given, marks the rows that count in the
+        batch statistics (padding for unequal shards); it goes to every batch-norm layer."""
+        def make(name, features, dims):
+            if self.bn_module is None:
+                return make_layer(self.impl, features, dims, eps=self.eps, decay=self.decay,
+                                  unbiased=self.unbiased, use_running_average=not train, name=name)
+            # the module's own momentum: old-weight in every JAX batch norm, so it is the decay
+            return self.bn_module(momentum=self.decay, epsilon=self.eps,
+                                  unbiased=self.unbiased, use_running_average=not train, name=name)
+
         def bn(name, features, dims):
-            return make_layer(self.impl, features, dims, eps=self.eps, decay=self.decay,
-                              unbiased=self.unbiased, use_running_average=not train, name=name)
+            layer = make(name, features, dims)
+            if mask is None:
+                return layer
+            return lambda h: layer(h, mask=mask.reshape((-1,) + (1,) * (h.ndim - 1)))
 
         conv = functools.partial(nn.Conv, kernel_size=(5, 5), padding="VALID",
                                  precision=self.precision)

@@ -44,14 +44,21 @@ class LeNet(PerModeGraph):
         self._scratch = [b for b in (self.bn1, self.bn2, self.bn3, self.bn4)
                          if isinstance(b, BatchNorm)]
 
-    def hybrid_forward(self, F, x):
-        def block(x, conv, bn):
-            return F.Pooling(F.Activation(bn(conv(x)), act_type="sigmoid"), kernel=(2, 2),
-                             stride=(2, 2), pool_type="max")
+    def stages(self):
+        """(layer, its batch norm, max-pool after the sigmoid?) in forward order; fc3 follows.
+        The one description of the chain, also walked shard by shard by backends/mxnet/sync.py."""
+        return ((self.conv1, self.bn1, True), (self.conv2, self.bn2, True),
+                (self.fc1, self.bn3, False), (self.fc2, self.bn4, False))
 
-        x = block(block(x, self.conv1, self.bn1), self.conv2, self.bn2)
-        x = F.Activation(self.bn3(self.fc1(x)), act_type="sigmoid")
-        x = F.Activation(self.bn4(self.fc2(x)), act_type="sigmoid")
+    @staticmethod
+    def activate(F, z, pool):
+        """The sigmoid after a batch norm, then the 2×2 max-pool where `pool`."""
+        a = F.Activation(z, act_type="sigmoid")
+        return F.Pooling(a, kernel=(2, 2), stride=(2, 2), pool_type="max") if pool else a
+
+    def hybrid_forward(self, F, x):
+        for layer, bn, pool in self.stages():
+            x = self.activate(F, bn(layer(x)), pool)
         logits = self.fc3(x)
         if F is mx.sym and autograd.is_training() and self._scratch:
             return (logits,) + tuple(s for b in self._scratch for s in b.traced_stats)
@@ -78,12 +85,14 @@ def _param(net, name):
 
 
 def load_params(net, params, dtype, ctx):
-    """Initialise `net` on `ctx` in `dtype` and set it to the canonical `params`."""
+    """Initialise `net` on `ctx` (a context, or a list of contexts: one replica on each) in
+    `dtype` and set it to the canonical `params`."""
     canonical.validate_params(params)
     net.initialize(ctx=ctx)
     net.cast(dtype)
+    first = ctx[0] if isinstance(ctx, (list, tuple)) else ctx
     for name in canonical.param_shapes():
-        _param(net, name).set_data(mx.nd.array(params[name], dtype=dtype, ctx=ctx))
+        _param(net, name).set_data(mx.nd.array(params[name], dtype=dtype, ctx=first))
 
 
 def to_canonical(net) -> dict[str, np.ndarray]:
