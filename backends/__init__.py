@@ -6,8 +6,8 @@ and never breaks the others.
 
 The contract every backend (`backends.<name>`, numpy in, numpy out) implements. The modules have
 the same names in every backend: `bn.py` (from-scratch `batch_norm`, the `BatchNorm` layer,
-`bn_step`, `conventions`), `lenet.py` (LeNet-BN, `lenet_train`, `lenet_eval`), `train.py`
-(training loop on the common loader, device selection).
+`bn_step`, `conventions`), `lenet.py` (LeNet-BN, `lenet_train`, `lenet_eval`, `lenet_layers`),
+`train.py` (training loop on the common loader, device selection). Layouts and names of each framework are `common.convert`'s.
 
 IMPLS: tuple of impl names; "scratch" and "native" in every backend (torch adds
     "scratch-analytic").
@@ -29,8 +29,18 @@ lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None, dt
     `batches`, an iterable of (x N×1×28×28 float, y int) NumPy pairs. `unbiased=None` keeps the
     impl's own running-variance convention.
 
-lenet_eval(params, x, *, impl, dtype="float64", device="cpu") -> logits (N×10 NumPy array)
-    Inference mode: running statistics.
+lenet_eval(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5, fix_gamma=False)
+        -> logits (N×10 NumPy array)
+    Inference mode: running statistics, with the checkpoint's eps. `fix_gamma=True` computes as
+    MXNet's fix_gamma=True does (every gamma taken as 1): MXNet's native layer with its own
+    option, every other impl with gamma replaced by ones.
+
+lenet_layers(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5, fix_gamma=False,
+             inputs=None) -> {layer: activation}
+    `lenet_eval`'s forward, every layer's output (`common.lenet.LAYERS`: conv1, bn1, sigmoid1,
+    pool1, ..., flatten, fc1, ..., fc3) in canonical layouts (NCHW; flatten in C×H×W order).
+    `inputs={layer: array}` (same layouts) feeds that layer the given input instead of the
+    previous layer's output (isolated mode, see `common.divergence`).
 
 fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dtype="float32",
     eps=1e-5, decay=0.9, params=None, progress=None) -> dict
@@ -77,6 +87,8 @@ from __future__ import annotations
 import importlib
 import statistics
 
+from common.spec import UnsupportedSetting  # noqa: F401  (part of the backend contract)
+
 _NAMES = ("torch", "mxnet", "jax")
 
 INSTALL_HINTS = {
@@ -92,11 +104,6 @@ class BackendUnavailable(ImportError):
     def __init__(self, name: str, reason: str):
         self.name, self.reason = name, reason
         super().__init__(f"backend {name!r} is unavailable: {reason}. Install: {INSTALL_HINTS[name]}")
-
-
-class UnsupportedSetting(ValueError):
-    """A configuration an implementation cannot express (e.g. biased running variance in
-    PyTorch's native layer)."""
 
 
 class DeviceUnavailable(RuntimeError):

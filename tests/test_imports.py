@@ -22,6 +22,7 @@ def test_common_and_registry_import_no_framework():
     out = _run(f"""
         import json, sys
         import common, common.spec, common.reference, common.lenet, common.data, common.conventions
+        import common.convert, common.checkpoint, common.divergence
         import backends
         backends.names()
         print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})))

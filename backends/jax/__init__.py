@@ -7,9 +7,10 @@ import jax  # noqa: F401
 import optax  # noqa: F401
 
 from backends.jax.bn import IMPLS, BatchNorm, batch_norm, bn_step, conventions, probe
-from backends.jax.lenet import LeNetBN, lenet_eval, lenet_train
+from backends.jax.lenet import LeNetBN, lenet_eval, lenet_layers, lenet_train
 from backends.jax.train import exact_numerics, fit, speed, speed_timer, versions
 
-__all__ = ["IMPLS", "bn_step", "conventions", "probe", "lenet_train", "lenet_eval", "fit",
+__all__ = ["IMPLS", "bn_step", "conventions", "probe", "lenet_train", "lenet_eval",
+           "lenet_layers", "fit",
            "speed", "speed_timer", "exact_numerics", "versions", "batch_norm", "BatchNorm",
            "LeNetBN"]

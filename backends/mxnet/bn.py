@@ -24,6 +24,7 @@ from common import spec
 from common.reference import float_dtype, validate_inputs
 
 IMPLS = ("scratch", "native")
+CONVENTION = spec.IMPL_CONVENTIONS["mxnet"]
 
 SOURCE_MOMENTUM = 0.9  # the source's literal: 90% weight on the NEW batch statistic
 SOURCE_EPS = 1e-5
@@ -218,25 +219,32 @@ class BatchNorm(PerModeGraph):
             self.running_var.data()[:] = var
 
 
+def check_impl(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+
+
 def native_layer(num_features, **kwargs):
     """`gluon.nn.BatchNorm` (momentum weighs the OLD value; keyword `epsilon`)."""
     return nn.BatchNorm(in_channels=num_features, **kwargs)
 
 
-def make_layer(impl, num_features, num_dims, *, eps, decay, unbiased):
-    """A fresh layer of `impl` configured from canonical (eps, decay, unbiased)."""
+def make_layer(impl, num_features, num_dims, *, eps, decay, unbiased, fix_gamma=False):
+    """A fresh layer of `impl` configured from canonical (eps, decay, unbiased). `fix_gamma`
+    (native only): built with scale=False, i.e. the operator's fix_gamma=True, gamma ignored."""
+    check_impl(impl)
     if impl == "scratch":
+        if fix_gamma:
+            raise UnsupportedSetting("the from-scratch BatchNorm has no fix_gamma option")
         return BatchNorm(num_features, num_dims, eps=eps,
-                         momentum=spec.momentum_from_decay(decay, "mxnet-source"),
+                         momentum=spec.momentum_from_decay(decay, CONVENTION[impl]),
                          unbiased=unbiased)
-    if impl == "native":
-        if unbiased:
-            raise UnsupportedSetting(
-                "MXNet's native BatchNorm updates running_var with the biased (÷m) variance on "
-                "CPU (the cuDNN path uses ÷(m-1)); unbiased=True cannot be expressed")
-        return native_layer(num_features, momentum=spec.momentum_from_decay(decay, "mxnet-native"),
-                            epsilon=eps)
-    raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+    if unbiased:
+        raise UnsupportedSetting(
+            "MXNet's native BatchNorm updates running_var with the biased (÷m) variance on "
+            "CPU (the cuDNN path uses ÷(m-1)); unbiased=True cannot be expressed")
+    return native_layer(num_features, momentum=spec.momentum_from_decay(decay, CONVENTION[impl]),
+                        epsilon=eps, scale=not fix_gamma)
 
 
 def _stats(layer):
@@ -293,7 +301,7 @@ def conventions() -> dict:
     op = operator_defaults()
     return {
         "scratch": dict(
-            momentum_weighs=spec.MOMENTUM_WEIGHS["mxnet-source"],
+            momentum_weighs=spec.MOMENTUM_WEIGHS[CONVENTION["scratch"]],
             default_momentum=scratch.momentum, default_eps=scratch.eps,
             running_var="unbiased" if scratch.unbiased else "biased", stats_update="forward",
             layout="NCHW", initial_running_var=float(scratch.running_var.data().asnumpy()[0]),
@@ -304,7 +312,7 @@ def conventions() -> dict:
                   "implementation for imperative and hybridized use (hybridized, the new "
                   "statistics are graph outputs that the caller writes back)"),
         "native": dict(
-            momentum_weighs=spec.MOMENTUM_WEIGHS["mxnet-native"],
+            momentum_weighs=spec.MOMENTUM_WEIGHS[CONVENTION["native"]],
             default_momentum=float(native._kwargs["momentum"]),
             default_eps=float(native._kwargs["eps"]),
             running_var="biased", stats_update="backward",
@@ -324,6 +332,7 @@ def conventions() -> dict:
 def probe(impl, x, *, momentum=None, eps=None) -> dict:
     """A fresh `impl` layer with its own defaults runs one training step on NCHW float64 `x`
     with upstream gradient ones; running statistics before, after forward, after backward."""
+    check_impl(impl)
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 4:
         raise ValueError(f"probe takes N×C×H×W input, got shape {x.shape}")
@@ -335,15 +344,13 @@ def probe(impl, x, *, momentum=None, eps=None) -> dict:
             kwargs["eps"] = eps
         layer = BatchNorm(x.shape[1], 4, **kwargs)
         used = layer.momentum, layer.eps
-    elif impl == "native":
+    else:
         if momentum is not None:
             kwargs["momentum"] = momentum
         if eps is not None:
             kwargs["epsilon"] = eps
         layer = native_layer(x.shape[1], **kwargs)
         used = layer._kwargs["momentum"], layer._kwargs["eps"]
-    else:
-        raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
     layer.initialize()
     layer.cast("float64")
     initial = _stats(layer)
