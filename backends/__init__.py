@@ -7,7 +7,8 @@ and never breaks the others.
 The contract every backend (`backends.<name>`, numpy in, numpy out) implements. The modules have
 the same names in every backend: `bn.py` (from-scratch `batch_norm`, the `BatchNorm` layer,
 `bn_step`, `conventions`), `lenet.py` (LeNet-BN, `lenet_train`, `lenet_eval`, `lenet_layers`),
-`train.py` (training loop on the common loader, device selection). Layouts and names of each framework are `common.convert`'s.
+`checkpoint.py` (`save_checkpoint`, `load_checkpoint`), `train.py` (training loop on the common
+loader, device selection). Layouts and names of each framework are `common.convert`'s.
 
 IMPLS: tuple of impl names; "scratch" and "native" in every backend (torch adds
     "scratch-analytic").
@@ -41,6 +42,19 @@ lenet_layers(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5, fix_ga
     pool1, ..., flatten, fc1, ..., fc3) in canonical layouts (NCHW; flatten in C×H×W order).
     `inputs={layer: array}` (same layouts) feeds that layer the given input instead of the
     previous layer's output (isolated mode, see `common.divergence`).
+
+save_checkpoint(params, path, *, impl, bn_config) -> None
+load_checkpoint(path) -> (params, bn_config)
+read_checkpoint(path) -> {"params", "bn_config", "impl", "layout", "sidecar"}
+    (in checkpoint.py) LeNet-BN in the framework's own format: PyTorch state_dict (torch.save),
+    Flax variables (flax.serialization msgpack), Gluon parameters (save_parameters); params
+    keep their dtype. `bn_config` is canonical {eps, decay, unbiased[, num_batches_tracked]}
+    (`common.convert.check_bn_config`), kept as the framework's own settings in a JSON sidecar
+    (`common.checkpoint`); a setting the impl cannot run raises UnsupportedSetting. Loading
+    tells the impl from the file's names where they differ (and the sidecar), takes the
+    textbook nn.Sequential layouts too, and without a sidecar uses the layer's defaults. Writes
+    are atomic; a truncated, foreign or mismatched file is a one-line ValueError naming the
+    problem (the key, for a mismatch).
 
 fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dtype="float32",
     eps=1e-5, decay=0.9, params=None, progress=None) -> dict

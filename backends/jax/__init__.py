@@ -7,10 +7,11 @@ import jax  # noqa: F401
 import optax  # noqa: F401
 
 from backends.jax.bn import IMPLS, BatchNorm, batch_norm, bn_step, conventions, probe
+from backends.jax.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from backends.jax.lenet import LeNetBN, lenet_eval, lenet_layers, lenet_train
 from backends.jax.train import exact_numerics, fit, speed, speed_timer, versions
 
 __all__ = ["IMPLS", "bn_step", "conventions", "probe", "lenet_train", "lenet_eval",
-           "lenet_layers", "fit",
+           "lenet_layers", "save_checkpoint", "load_checkpoint", "read_checkpoint", "fit",
            "speed", "speed_timer", "exact_numerics", "versions", "batch_norm", "BatchNorm",
            "LeNetBN"]

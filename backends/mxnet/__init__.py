@@ -14,9 +14,10 @@ if "bool" not in vars(numpy):  # hasattr would trigger NumPy 1.2x's FutureWarnin
 import mxnet  # noqa: E402,F401  (fails here, not later, when MXNet is missing or broken)
 
 from .bn import IMPLS, BatchNorm, batch_norm, bn_step, conventions, probe  # noqa: E402
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
 from .lenet import lenet_eval, lenet_layers, lenet_train  # noqa: E402
 from .train import exact_numerics, fit, speed, speed_timer, versions  # noqa: E402
 
 __all__ = ["IMPLS", "BatchNorm", "batch_norm", "bn_step", "conventions", "probe", "lenet_train",
-           "lenet_eval", "lenet_layers",
+           "lenet_eval", "lenet_layers", "save_checkpoint", "load_checkpoint", "read_checkpoint",
            "fit", "speed", "speed_timer", "exact_numerics", "versions"]

@@ -7,10 +7,11 @@ torch state (threads, default dtype, RNG).
 import torch  # noqa: F401  (fail here, cleanly, when torch is missing)
 
 from .bn import IMPLS, BatchNorm, batch_norm, batch_norm_analytic, bn_step, conventions, probe
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .lenet import lenet_eval, lenet_layers, lenet_train
 from .train import DeviceSteps, exact_numerics, fit, speed, speed_timer, versions
 
 __all__ = ["IMPLS", "BatchNorm", "batch_norm", "batch_norm_analytic", "bn_step", "conventions",
-           "probe", "lenet_train", "lenet_eval", "lenet_layers",
-           "fit", "speed", "speed_timer", "exact_numerics",
+           "probe", "lenet_train", "lenet_eval", "lenet_layers", "save_checkpoint",
+           "load_checkpoint", "read_checkpoint", "fit", "speed", "speed_timer", "exact_numerics",
            "DeviceSteps", "versions"]
