@@ -121,11 +121,11 @@ def read_sidecar(path, framework: str) -> dict | None:
     return doc
 
 
-def resolve(path, framework: str, params, fmt: dict, *, impls, default_settings) -> dict:
+def resolve(path, framework: str, params, fmt: dict, *, impls, conventions) -> dict:
     """The loaded checkpoint {"params", "bn_config", "impl", "layout", "sidecar"} from the
     weights' canonical `params`, what their names tell (`fmt`: layout, family or None,
     num_batches_tracked or None) and the sidecar; without a sidecar, the impl the names tell
-    (native where they cannot) with `default_settings(impl)`."""
+    (native where they cannot) with its layer's defaults from the backend's `conventions()`."""
     doc = read_sidecar(path, framework)
     if doc is not None:
         impl = doc["impl"]
@@ -138,7 +138,7 @@ def resolve(path, framework: str, params, fmt: dict, *, impls, default_settings)
         settings = doc["settings"]
     else:
         impl = fmt["family"] or "native"
-        settings = default_settings(impl)
+        settings = convert.default_settings(framework, conventions()[impl])
     try:
         cfg = convert.config_from_settings(framework, impl, settings)
     except ValueError as e:
@@ -152,3 +152,10 @@ def resolve(path, framework: str, params, fmt: dict, *, impls, default_settings)
         cfg = convert.check_bn_config(dict(cfg, num_batches_tracked=count))
     return {"params": params, "bn_config": cfg, "impl": impl, "layout": fmt["layout"],
             "sidecar": str(sidecar_path(path)) if doc is not None else None}
+
+
+def resolve_flat(path, framework: str, arrays, *, impls, conventions) -> dict:
+    """`resolve` for a flat file's {key: array} (PyTorch state_dict, Gluon parameters)."""
+    fmt = convert.flat_format(framework, arrays, str(path))
+    params = convert.from_flat(framework, arrays, str(path))
+    return resolve(path, framework, params, fmt, impls=impls, conventions=conventions)

@@ -34,9 +34,7 @@ def read_checkpoint(path) -> dict:
             f"{path} is not a Flax msgpack checkpoint ({checkpoint.reason(e)})") from None
     params = convert.from_flax(variables, what=str(path))
     fmt = {"layout": "lenet", "family": convert.flax_family(variables), "num_batches_tracked": None}
-    return checkpoint.resolve(
-        path, "jax", params, fmt, impls=IMPLS,
-        default_settings=lambda impl: convert.default_settings("jax", conventions()[impl]))
+    return checkpoint.resolve(path, "jax", params, fmt, impls=IMPLS, conventions=conventions)
 
 
 def load_checkpoint(path) -> tuple[dict, dict]:

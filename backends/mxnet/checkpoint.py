@@ -37,11 +37,7 @@ def read_checkpoint(path) -> dict:
     if not isinstance(loaded, dict):
         raise ValueError(f"{path} holds {len(loaded)} unnamed arrays, not named parameters")
     arrays = {k: v.asnumpy() for k, v in loaded.items()}
-    fmt = convert.flat_format("mxnet", arrays, str(path))
-    params = convert.from_flat("mxnet", arrays, str(path))
-    return checkpoint.resolve(
-        path, "mxnet", params, fmt, impls=IMPLS,
-        default_settings=lambda impl: convert.default_settings("mxnet", conventions()[impl]))
+    return checkpoint.resolve_flat(path, "mxnet", arrays, impls=IMPLS, conventions=conventions)
 
 
 def load_checkpoint(path) -> tuple[dict, dict]:

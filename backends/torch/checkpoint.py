@@ -41,11 +41,7 @@ def read_checkpoint(path) -> dict:
         arrays = {k: v.detach().numpy() for k, v in state.items()}
     except TypeError as e:  # e.g. bfloat16, which NumPy has no type for
         raise ValueError(f"{path}: {checkpoint.reason(e)}") from None
-    fmt = convert.flat_format("torch", arrays, str(path))
-    params = convert.from_flat("torch", arrays, str(path))
-    return checkpoint.resolve(
-        path, "torch", params, fmt, impls=IMPLS,
-        default_settings=lambda impl: convert.default_settings("torch", conventions()[impl]))
+    return checkpoint.resolve_flat(path, "torch", arrays, impls=IMPLS, conventions=conventions)
 
 
 def load_checkpoint(path) -> tuple[dict, dict]:
