@@ -131,7 +131,7 @@ def _jitted_step(impl, eps, decay, unbiased, lr):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_logits(impl, eps, every_layer=False):
+def _jitted_inference(impl, eps, every_layer=False):
     model = build(impl, eps=eps, decay=0.9, unbiased=False, precision="highest")
     return jax.jit(functools.partial(model.apply, train=False, every_layer=every_layer))
 
@@ -184,7 +184,7 @@ def _inference(params, x, *, impl, dtype, device, eps, fix_gamma, inputs=None):
     dt = check_dtype(dtype)
     dev, _ = select_device(device)
     variables = variables_of(convert.fixed_gamma(params) if fix_gamma else params, impl, dt)
-    fn = _jitted_logits(impl, float(eps), inputs is not None)
+    fn = _jitted_inference(impl, float(eps), inputs is not None)
     with x64_mode(dt):
         args = [jax.device_put(a, dev) for a in (variables, nchw_to_nhwc(np.asarray(x, dtype=dt)))]
         if inputs is None:
