@@ -330,7 +330,6 @@ def test_converter_tables_match_the_installed_frameworks():
     loaded = {name: backend(name) for name in NAMES}
     from backends.mxnet.bn import operator_defaults
     for name, b in loaded.items():
-
         assert set(b.IMPLS) == set(convert.spec.IMPL_CONVENTIONS[name])
         native = b.conventions()["native"]
         assert (native["running_var"] == "unbiased") == convert.NATIVE_UNBIASED[name]
