@@ -18,6 +18,7 @@ import importlib
 import statistics
 
 from common.spec import BNSpec  # framework-free
+from common.spec import UnsupportedSetting  # noqa: F401  (part of the backend contract)
 
 _NAMES = ("torch", "mxnet", "jax")
 
@@ -34,11 +35,6 @@ class BackendUnavailable(ImportError):
     def __init__(self, name: str, reason: str):
         self.name, self.reason = name, reason
         super().__init__(f"backend {name!r} is unavailable: {reason}. Install: {INSTALL_HINTS[name]}")
-
-
-class UnsupportedSetting(ValueError):
-    """A configuration an implementation cannot express (e.g. biased running variance in
-    PyTorch's native layer)."""
 
 
 class DeviceUnavailable(RuntimeError):

@@ -96,9 +96,40 @@ class Backend(Protocol):
         canonical dict (NumPy, in `dtype`) after every step, for
         `common.lenet_reference.check_trajectory`."""
 
-    def lenet_eval(self, params, x, *, impl, dtype="float64", device="cpu"):
+    def lenet_eval(self, params, x, *, impl, dtype="float64", device="cpu", eps=1e-5,
+                   fix_gamma=False):
         """Logits (N×10 NumPy array) of LeNet-BN with canonical `params` on N×1×28×28 `x`, in
-        inference mode (running statistics)."""
+        inference mode (running statistics), with the checkpoint's `eps`. `fix_gamma=True`
+        computes as MXNet's fix_gamma=True does (every gamma taken as 1): MXNet's native layer
+        with its own option, every other impl with gamma replaced by ones."""
+
+    def lenet_layers(self, params, x, *, impl, dtype="float64", device="cpu", eps=1e-5,
+                     fix_gamma=False, inputs=None) -> dict:
+        """`lenet_eval`'s forward, every layer's output (`common.lenet.LAYERS`: conv1, bn1,
+        sigmoid1, pool1, ..., flatten, fc1, ..., fc3) in canonical layouts (NCHW; flatten in
+        C×H×W order). `inputs={layer: array}` (same layouts) feeds that layer the given input
+        instead of the previous layer's output (isolated mode, see `common.divergence`)."""
+
+    # --- checkpoint.py ----------------------------------------------------------------------
+
+    def save_checkpoint(self, params, path, *, impl, bn_config) -> None:
+        """LeNet-BN in the framework's own format: PyTorch state_dict (torch.save), Flax
+        variables (flax.serialization msgpack), Gluon parameters (save_parameters); params keep
+        their dtype. `bn_config` is canonical {eps, decay, unbiased[, num_batches_tracked]}
+        (`common.convert.check_bn_config`), kept as the framework's own settings in a JSON
+        sidecar (`common.checkpoint`); a setting the impl cannot run raises UnsupportedSetting.
+        Writes are atomic."""
+
+    def load_checkpoint(self, path) -> tuple:
+        """(params, bn_config) of a checkpoint in the framework's own format. Loading tells the
+        impl from the file's names where they differ (and the sidecar), takes the textbook
+        nn.Sequential layouts too, and without a sidecar uses the layer's defaults. A truncated,
+        foreign or mismatched file is a one-line ValueError naming the problem (the key, for a
+        mismatch)."""
+
+    def read_checkpoint(self, path) -> dict:
+        """`load_checkpoint` with what it found: {"params", "bn_config", "impl", "layout",
+        "sidecar"}."""
 
     # --- train.py ---------------------------------------------------------------------------
 

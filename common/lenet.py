@@ -18,10 +18,16 @@ FC_LAYERS = {"fc1": (120, 256), "fc2": (84, 120), "fc3": (10, 84)}
 BN_LAYERS = {"bn1": 6, "bn2": 16, "bn3": 120, "bn4": 84}  # 4-D, 4-D, 2-D, 2-D
 BN_FIELDS = ("gamma", "beta", "running_mean", "running_var")
 RUNNING_FIELDS = ("running_mean", "running_var")
-# The named activations in forward order (`common.lenet_reference.activations`; per-layer
-# divergence reports use the same names).
-LAYERS = ("conv1", "bn1", "sigmoid1", "pool1", "conv2", "bn2", "sigmoid2", "pool2", "flatten",
-          "fc1", "bn3", "sigmoid3", "fc2", "bn4", "sigmoid4", "fc3")
+IMAGE_SHAPE = (1, 28, 28)
+# Every layer of the forward pass in order, with its output shape per example (NCHW / features;
+# "flatten" in C×H×W order): the names per-layer activations are reported under.
+LAYER_SHAPES = {
+    "conv1": (6, 24, 24), "bn1": (6, 24, 24), "sigmoid1": (6, 24, 24), "pool1": (6, 12, 12),
+    "conv2": (16, 8, 8), "bn2": (16, 8, 8), "sigmoid2": (16, 8, 8), "pool2": (16, 4, 4),
+    "flatten": (256,), "fc1": (120,), "bn3": (120,), "sigmoid3": (120,), "fc2": (84,),
+    "bn4": (84,), "sigmoid4": (84,), "fc3": (10,),
+}
+LAYERS = tuple(LAYER_SHAPES)
 
 
 def param_shapes() -> dict[str, tuple[int, ...]]:
@@ -37,6 +43,38 @@ def param_shapes() -> dict[str, tuple[int, ...]]:
             shapes[f"{layer}.weight"] = w
             shapes[f"{layer}.bias"] = (w[0],)
     return shapes
+
+
+def input_shape(layer: str) -> tuple[int, ...]:
+    """Per-example shape of `layer`'s input (the previous layer's output, or the image)."""
+    i = LAYERS.index(layer)
+    return LAYER_SHAPES[LAYERS[i - 1]] if i else IMAGE_SHAPE
+
+
+def run_layers(steps, x, inputs=None) -> dict:
+    """Run `steps` ((layer name, function) in LAYERS order) from `x`; returns every layer's
+    output by name. A layer named in `inputs` gets that array as its input instead of the
+    previous output (isolated mode). Framework-free: the functions and arrays are the caller's."""
+    inputs = inputs or {}
+    out = {}
+    for name, fn in steps:
+        x = fn(inputs[name] if name in inputs else x)
+        out[name] = x
+    return out
+
+
+def check_layer_inputs(inputs, n: int) -> dict:
+    """`inputs` ({layer: array}) validated for a batch of `n`: known layer names and each
+    layer's input shape (NCHW / C×H×W-ordered features); ValueError naming the layer."""
+    inputs = dict(inputs or {})
+    for name, a in inputs.items():
+        if name not in LAYER_SHAPES:
+            raise ValueError(f"unknown layer {name!r} in inputs; layers: {', '.join(LAYERS)}")
+        want = (n,) + input_shape(name)
+        if tuple(np.shape(a)) != want:
+            raise ValueError(f"input for layer {name} has shape {tuple(np.shape(a))}, "
+                             f"expected {want}")
+    return inputs
 
 
 def is_running_stat(name: str) -> bool:

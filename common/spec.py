@@ -28,6 +28,14 @@ MOMENTUM_WEIGHS = {
     "onnx": OLD,
 }
 
+# The momentum convention (a key of MOMENTUM_WEIGHS) of each backend's impls.
+IMPL_CONVENTIONS = {
+    "torch": {"scratch": "torch-source", "scratch-analytic": "torch-source",
+              "native": "torch-native"},
+    "mxnet": {"scratch": "mxnet-source", "native": "mxnet-native"},
+    "jax": {"scratch": "jax-source", "native": "flax-native"},
+}
+
 # The two seed sources, as they are written (a row each in the conventions table).
 SOURCES = {
     "torch-source": dict(
@@ -49,6 +57,20 @@ CONVENTION_FIELDS = (
 )
 # Optional field: the precision the layer applies its momentum in ("float64" when absent). MXNet's
 # native operator takes momentum as a float32, which float64 running statistics can see.
+
+
+class UnsupportedSetting(ValueError):
+    """A configuration an implementation cannot express (e.g. biased running variance in
+    PyTorch's native layer). Re-exported as `backends.UnsupportedSetting`."""
+
+
+def impl_convention(framework: str, impl: str) -> str:
+    """The momentum convention of `framework`'s `impl` (a key of MOMENTUM_WEIGHS)."""
+    try:
+        return IMPL_CONVENTIONS[framework][impl]
+    except KeyError:
+        known = ", ".join(f"{f}/{i}" for f, impls in IMPL_CONVENTIONS.items() for i in impls)
+        raise ValueError(f"unknown framework/impl {framework}/{impl}; known: {known}") from None
 
 
 @dataclasses.dataclass(frozen=True)

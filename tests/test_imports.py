@@ -24,7 +24,7 @@ def test_common_and_registry_import_no_framework():
     out = _run(f"""
         import json, sys
         import common, common.spec, common.reference, common.lenet, common.data, common.conventions
-        import common.lenet_reference, common.sync
+        import common.lenet_reference, common.sync, common.convert, common.checkpoint, common.divergence
         import backends, backends.contract, backends.pool
         backends.names()
         backends.contract.names()

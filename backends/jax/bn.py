@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends import UnsupportedSetting, check_layer_config
+from common.convert import BN_NAMES, PARAM_FIELDS, STAT_FIELDS
 from common.reference import float_dtype as check_dtype, validate_inputs
-from common.spec import OLD, momentum_from_decay
+from common.spec import IMPL_CONVENTIONS, OLD, momentum_from_decay
 
 
 def textbook_batch_norm(X, deterministic, gamma, beta, moving_mean, moving_var, eps, momentum):
@@ -53,18 +54,13 @@ def textbook_batch_norm(X, deterministic, gamma, beta, moving_mean, moving_var, 
 
 IMPLS = ("scratch", "native")
 # Each impl's momentum convention, a key of common.spec.MOMENTUM_WEIGHS.
-CONVENTION = {"scratch": "jax-source", "native": "flax-native"}
+CONVENTION = IMPL_CONVENTIONS["jax"]
 SCRATCH_MOMENTUM = 0.9  # the d2l JAX source's default (weighs the old value)
 SCRATCH_EPS = 1e-5
 
-# Variable names inside each impl's Flax module: (params, batch_stats).
-VARIABLE_NAMES = {
-    "scratch": {"gamma": "gamma", "beta": "beta", "running_mean": "moving_mean",
-                "running_var": "moving_var"},
-    "native": {"gamma": "scale", "beta": "bias", "running_mean": "mean", "running_var": "var"},
-}
-PARAM_FIELDS = ("gamma", "beta")
-STAT_FIELDS = ("running_mean", "running_var")
+# Variable names inside each impl's Flax module (params, batch_stats), from the converter.
+VARIABLE_NAMES = {impl: {f: BN_NAMES["jax"][impl].get(f, f)
+                         for f in PARAM_FIELDS + STAT_FIELDS} for impl in IMPLS}
 
 
 def check_impl(impl: str) -> None:

@@ -1,10 +1,9 @@
-"""LeNet-BN in Flax (NHWC inside), conversion between the canonical PyTorch-layout parameters
-and Flax variables, and the contract's `lenet_train` / `lenet_eval`.
+"""LeNet-BN in Flax (NHWC inside) and the contract's `lenet_train` / `lenet_eval` /
+`lenet_layers`.
 
-Layout conversion: conv weights O×I×kH×kW → Flax HWIO kernels, linear weights out×in → in×out
-kernels. The canonical fc1 weight reads its 256 inputs in PyTorch's C×H×W flatten order; an NHWC
-tensor flattens as H×W×C, so fc1's columns are permuted once at conversion instead of
-transposing activations on every step.
+The canonical PyTorch-layout parameters become Flax variables through `common.convert`
+(HWIO conv kernels, in×out dense kernels, fc1's columns permuted once from PyTorch's C×H×W
+flatten order to NHWC's H×W×C instead of transposing activations on every step).
 """
 from __future__ import annotations
 
@@ -17,12 +16,10 @@ import numpy as np
 import optax
 
 from backends import UnsupportedSetting
-from backends.jax.bn import (PARAM_FIELDS, STAT_FIELDS, VARIABLE_NAMES, check_dtype, check_impl,
-                             make_layer, x64_mode)
+from backends.jax.bn import check_dtype, check_impl, make_layer, x64_mode
 from backends.jax.device import select_device
+from common import convert
 from common import lenet as canon
-
-FC1_INPUT_CHW = (16, 4, 4)  # conv2 → pool output, channels × height × width
 
 
 class LeNetBN(nn.Module):
@@ -39,8 +36,10 @@ class LeNetBN(nn.Module):
     bn_module: object = None
 
     @nn.compact
-    def __call__(self, x, train: bool, mask=None):
-        """Logits of `x` (NHWC). `mask` (N,), where given, marks the rows that count in the
+    def __call__(self, x, train: bool, mask=None, inputs=None, every_layer=False):
+        """Logits of `x` (NHWC); with `every_layer`, every layer's output by name
+        (`common.lenet.LAYERS`, in this module's NHWC layout). A layer named in `inputs` gets
+        that array as its input. `mask` (N,), where given, marks the rows that count in the
         batch statistics (padding for unequal shards); it goes to every batch-norm layer."""
         def make(name, features, dims):
             if self.bn_module is None:
@@ -60,63 +59,22 @@ class LeNetBN(nn.Module):
                                  precision=self.precision)
         dense = functools.partial(nn.Dense, precision=self.precision)
         pool = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
-        x = pool(nn.sigmoid(bn("bn1", 6, 4)(conv(6, name="conv1")(x))))
-        x = pool(nn.sigmoid(bn("bn2", 16, 4)(conv(16, name="conv2")(x))))
-        x = x.reshape((x.shape[0], -1))  # H×W×C order; fc1's kernel rows are permuted to match
-        x = nn.sigmoid(bn("bn3", 120, 2)(dense(120, name="fc1")(x)))
-        x = nn.sigmoid(bn("bn4", 84, 2)(dense(84, name="fc2")(x)))
-        return dense(10, name="fc3")(x)
+        steps = (("conv1", conv(6, name="conv1")), ("bn1", bn("bn1", 6, 4)),
+                 ("sigmoid1", nn.sigmoid), ("pool1", pool), ("conv2", conv(16, name="conv2")),
+                 ("bn2", bn("bn2", 16, 4)), ("sigmoid2", nn.sigmoid), ("pool2", pool),
+                 # H×W×C order; fc1's kernel rows are permuted to match
+                 ("flatten", lambda h: h.reshape((h.shape[0], -1))),
+                 ("fc1", dense(120, name="fc1")), ("bn3", bn("bn3", 120, 2)),
+                 ("sigmoid3", nn.sigmoid), ("fc2", dense(84, name="fc2")),
+                 ("bn4", bn("bn4", 84, 2)), ("sigmoid4", nn.sigmoid), ("fc3", dense(10, name="fc3")))
+        out = canon.run_layers(steps, x, inputs)
+        return out if every_layer else out["fc3"]
 
 
-def _fc1_chw_to_hwc(w):
-    """Canonical fc1 weight (120 × C·H·W) → columns in H·W·C order."""
-    c, h, wd = FC1_INPUT_CHW
-    return w.reshape(w.shape[0], c, h, wd).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
-
-
-def _fc1_hwc_to_chw(w):
-    c, h, wd = FC1_INPUT_CHW
-    return w.reshape(w.shape[0], h, wd, c).transpose(0, 3, 1, 2).reshape(w.shape[0], -1)
-
-
-def to_flax(params, impl, dtype=np.float64) -> dict:
-    """Canonical dict (PyTorch layout) → Flax variables {'params', 'batch_stats'} (NumPy)."""
+def variables_of(params, impl, dtype) -> dict:
+    """Flax variables (NumPy, `dtype`) of canonical `params` for `impl`'s LeNetBN."""
     canon.validate_params(params)
-    check_impl(impl)
-    p = canon.cast(params, dtype)
-    names = VARIABLE_NAMES[impl]
-    out = {"params": {}, "batch_stats": {}}
-    for layer in canon.CONV_LAYERS:
-        out["params"][layer] = {"kernel": p[f"{layer}.weight"].transpose(2, 3, 1, 0),
-                                "bias": p[f"{layer}.bias"]}
-    for layer in canon.FC_LAYERS:
-        w = p[f"{layer}.weight"]
-        w = _fc1_chw_to_hwc(w) if layer == "fc1" else w
-        out["params"][layer] = {"kernel": w.T, "bias": p[f"{layer}.bias"]}
-    for layer in canon.BN_LAYERS:
-        out["params"][layer] = {names[f]: p[f"{layer}.{f}"] for f in PARAM_FIELDS}
-        out["batch_stats"][layer] = {names[f]: p[f"{layer}.{f}"] for f in STAT_FIELDS}
-    return jax.tree_util.tree_map(np.ascontiguousarray, out)
-
-
-def from_flax(variables, impl) -> dict:
-    """Flax variables → canonical dict of NumPy arrays (inverse of `to_flax`)."""
-    v = jax.tree_util.tree_map(np.asarray, variables)
-    names = VARIABLE_NAMES[impl]
-    out = {}
-    for layer in canon.CONV_LAYERS:
-        out[f"{layer}.weight"] = v["params"][layer]["kernel"].transpose(3, 2, 0, 1)
-        out[f"{layer}.bias"] = v["params"][layer]["bias"]
-    for layer in canon.FC_LAYERS:
-        w = v["params"][layer]["kernel"].T
-        out[f"{layer}.weight"] = _fc1_hwc_to_chw(w) if layer == "fc1" else w
-        out[f"{layer}.bias"] = v["params"][layer]["bias"]
-    for layer in canon.BN_LAYERS:
-        for f in PARAM_FIELDS:
-            out[f"{layer}.{f}"] = v["params"][layer][names[f]]
-        for f in STAT_FIELDS:
-            out[f"{layer}.{f}"] = v["batch_stats"][layer][names[f]]
-    return {k: np.ascontiguousarray(out[k]) for k in canon.param_shapes()}
+    return convert.to_flax(canon.cast(params, dtype), impl)
 
 
 def nchw_to_nhwc(x):
@@ -165,9 +123,9 @@ def _jitted_step(impl, eps, decay, unbiased, lr):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_logits(impl, eps):
+def _jitted_inference(impl, eps, every_layer=False):
     model = build(impl, eps=eps, decay=0.9, unbiased=False, precision="highest")
-    return jax.jit(functools.partial(model.apply, train=False))
+    return jax.jit(functools.partial(model.apply, train=False, every_layer=every_layer))
 
 
 def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None,
@@ -179,7 +137,7 @@ def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None
     dt = check_dtype(dtype)
     dev, _ = select_device(device)
     tx, step = _jitted_step(impl, float(eps), float(decay), bool(unbiased), float(lr))
-    variables = to_flax(params, impl, dt)
+    variables = variables_of(params, impl, dt)
     with x64_mode(dt):
         variables = jax.device_put(variables, dev)
         state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
@@ -194,23 +152,45 @@ def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None
         losses = [float(v) for v in jax.device_get(losses)]
 
         def canonical(s):
-            out = from_flax({"params": s[0], "batch_stats": s[1]}, impl)
+            out = convert.from_flax(jax.device_get({"params": s[0], "batch_stats": s[1]}))
             return {k: v.astype(dt) for k, v in out.items()}
 
         result = {"losses": losses, "params": canonical(state)}
         if record:
-            result["history"] = [canonical(s) for s in jax.device_get(states)]
+            result["history"] = [canonical(s) for s in states]
     return result
 
 
-def lenet_eval(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5):
-    """The contract's lenet_eval: logits (N×10, `dtype`) in inference mode (running statistics)."""
+def lenet_eval(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5, fix_gamma=False):
+    """The contract's lenet_eval: logits (N×10, `dtype`) in inference mode (running statistics),
+    with the checkpoint's eps; `fix_gamma=True` runs with every gamma 1, as MXNet's fix_gamma
+    does (Flax has no such option)."""
+    return _inference(params, x, impl=impl, dtype=dtype, device=device, eps=eps,
+                      fix_gamma=fix_gamma)
+
+
+def lenet_layers(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5, fix_gamma=False,
+                 inputs=None) -> dict:
+    """The contract's lenet_layers: every layer's output in NCHW / C×H×W-ordered features;
+    `inputs` ({layer: input}, same layouts) feeds a layer that input instead of the previous
+    output. The NHWC conversions are `common.convert`'s."""
+    inputs = {k: convert.nhwc_activation(k, v, is_input=True)
+              for k, v in canon.check_layer_inputs(inputs, len(x)).items()}
+    out = _inference(params, x, impl=impl, dtype=dtype, device=device, eps=eps,
+                     fix_gamma=fix_gamma, inputs=inputs)
+    return {k: np.array(convert.nchw_activation(k, out[k]), order="C") for k in canon.LAYERS}
+
+
+def _inference(params, x, *, impl, dtype, device, eps, fix_gamma, inputs=None):
     check_impl(impl)
     dt = check_dtype(dtype)
     dev, _ = select_device(device)
-    variables = to_flax(params, impl, dt)
+    variables = variables_of(convert.fixed_gamma(params) if fix_gamma else params, impl, dt)
+    fn = _jitted_inference(impl, float(eps), inputs is not None)
     with x64_mode(dt):
-        logits = _jitted_logits(impl, float(eps))(
-            jax.device_put(variables, dev),
-            jax.device_put(nchw_to_nhwc(np.asarray(x, dtype=dt)), dev))
-        return np.asarray(logits, dtype=dt)
+        args = [jax.device_put(a, dev) for a in (variables, nchw_to_nhwc(np.asarray(x, dtype=dt)))]
+        if inputs is None:
+            return np.asarray(fn(*args), dtype=dt)
+        inputs = {k: np.asarray(v, dt) for k, v in inputs.items()}
+        out = fn(*args, inputs=jax.device_put(inputs, dev))
+        return {k: np.asarray(v, dtype=dt) for k, v in out.items()}

@@ -40,7 +40,9 @@ from common.sync import at_least_one, merge_moments, training_job, validate_shar
 
 from .bn import (CONVENTION, BatchNorm, _to_first, _to_last, batch_norm, layer_step, own_layer,
                  to_variables, x64_mode)
-from .lenet import LeNetBN, from_flax, nchw_to_nhwc, to_flax
+from common import convert
+
+from .lenet import LeNetBN, nchw_to_nhwc, variables_of
 
 SYNC_IMPLS = ("scratch", "native")
 AXIS = "workers"
@@ -224,7 +226,7 @@ def train_on_devices(devices, params, per_step, *, sync, lr, eps, decay, unbiase
     dt = float_dtype(dtype)
     step, replicated, sharded = _compiled_train_step(tuple(devices), bool(sync), float(eps),
                                                      float(decay), bool(unbiased), float(lr))
-    variables = to_flax(params, "scratch", dt)
+    variables = variables_of(params, "scratch", dt)
     w_count = len(devices)
     stacked = jax.tree_util.tree_map(lambda a: np.stack([a] * w_count), variables["batch_stats"])
     inputs = []
@@ -251,7 +253,7 @@ def train_on_devices(devices, params, per_step, *, sync, lr, eps, decay, unbiase
         losses = [float(v) for v in jax.device_get(losses)]
         seconds = time.perf_counter() - start
         rank0 = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], state[1])
-        out = from_flax({"params": state[0], "batch_stats": rank0}, "scratch")
+        out = convert.from_flax(jax.device_get({"params": state[0], "batch_stats": rank0}))
     return {"losses": losses, "params": {k: v.astype(dt) for k, v in out.items()},
             "seconds": seconds}
 

@@ -24,7 +24,7 @@ from jax import lax
 from backends import epoch_line, positive_int, synthetic_batches, time_alone
 from backends.jax.bn import check_dtype, check_impl, x64_mode
 from backends.jax.device import select_device
-from backends.jax.lenet import build, make_train_step, nchw_to_nhwc, to_flax
+from backends.jax.lenet import build, make_train_step, nchw_to_nhwc, variables_of
 from common import data as cdata
 from common import lenet as canon
 
@@ -111,7 +111,7 @@ class _Trainer:
             self.x_test, self.y_test = map(self._put, _chunks(
                 nchw_to_nhwc(np.asarray(data.test_x, self.dt)), np.asarray(data.test_y, np.int32),
                 min(EVAL_CHUNK, max(1, self.n_test))))
-            variables = self._put(to_flax(params, impl, self.dt))
+            variables = self._put(variables_of(params, impl, self.dt))
             self.carry = ((variables["params"], variables["batch_stats"],
                            tx.init(variables["params"])),
                           self._put(np.zeros((), self.dt)), self._put(np.zeros((), np.int32)))

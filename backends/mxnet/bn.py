@@ -49,6 +49,7 @@ def textbook_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
 
 
 IMPLS = ("scratch", "native")
+CONVENTION = spec.IMPL_CONVENTIONS["mxnet"]
 
 SOURCE_MOMENTUM = 0.9  # the source's literal: 90% weight on the NEW batch statistic
 SOURCE_EPS = 1e-5
@@ -243,27 +244,36 @@ class BatchNorm(PerModeGraph):
             self.running_var.data()[:] = var
 
 
+def check_impl(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+
+
 def native_layer(num_features, **kwargs):
     """`gluon.nn.BatchNorm` (momentum weighs the OLD value; keyword `epsilon`)."""
     return nn.BatchNorm(in_channels=num_features, **kwargs)
 
 
-def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None):
+def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None,
+               fix_gamma=False):
     """The contract's make_layer (backends/contract.py): a fresh layer of `impl` configured from
-    canonical (eps, decay, unbiased); `unbiased=None` keeps the impl's own (biased) estimator."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+    canonical (eps, decay, unbiased); `unbiased=None` keeps the impl's own (biased) estimator.
+    `fix_gamma` (native only): built with scale=False, i.e. the operator's fix_gamma=True, gamma
+    ignored."""
+    check_impl(impl)
     num_features = check_layer_config(num_features, num_dims, eps, decay)
     if impl == "scratch":
+        if fix_gamma:
+            raise UnsupportedSetting("the from-scratch BatchNorm has no fix_gamma option")
         return BatchNorm(num_features, num_dims, eps=eps,
-                         momentum=spec.momentum_from_decay(decay, "mxnet-source"),
+                         momentum=spec.momentum_from_decay(decay, CONVENTION[impl]),
                          unbiased=bool(unbiased))
     if unbiased:
         raise UnsupportedSetting(
             "MXNet's native BatchNorm updates running_var with the biased (÷m) variance on "
             "CPU (the cuDNN path uses ÷(m-1)); unbiased=True cannot be expressed")
-    return native_layer(num_features, momentum=spec.momentum_from_decay(decay, "mxnet-native"),
-                        epsilon=eps)
+    return native_layer(num_features, momentum=spec.momentum_from_decay(decay, CONVENTION[impl]),
+                        epsilon=eps, scale=not fix_gamma)
 
 
 def _stats(layer):
@@ -320,7 +330,7 @@ def conventions() -> dict:
     op = operator_defaults()
     return {
         "scratch": dict(
-            momentum_weighs=spec.MOMENTUM_WEIGHS["mxnet-source"],
+            momentum_weighs=spec.MOMENTUM_WEIGHS[CONVENTION["scratch"]],
             default_momentum=scratch.momentum, default_eps=scratch.eps,
             running_var="unbiased" if scratch.unbiased else "biased", stats_update="forward",
             layout="NCHW", initial_running_var=float(scratch.running_var.data().asnumpy()[0]),
@@ -331,7 +341,7 @@ def conventions() -> dict:
                   "implementation for imperative and hybridized use (hybridized, the new "
                   "statistics are graph outputs that the caller writes back)"),
         "native": dict(
-            momentum_weighs=spec.MOMENTUM_WEIGHS["mxnet-native"],
+            momentum_weighs=spec.MOMENTUM_WEIGHS[CONVENTION["native"]],
             default_momentum=float(native._kwargs["momentum"]),
             default_eps=float(native._kwargs["eps"]),
             running_var="biased", stats_update="backward",
@@ -351,6 +361,7 @@ def conventions() -> dict:
 def probe(impl, x, *, momentum=None, eps=None) -> dict:
     """A fresh `impl` layer with its own defaults runs one training step on NCHW float64 `x`
     with upstream gradient ones; running statistics before, after forward, after backward."""
+    check_impl(impl)
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 4:
         raise ValueError(f"probe takes N×C×H×W input, got shape {x.shape}")
@@ -362,15 +373,13 @@ def probe(impl, x, *, momentum=None, eps=None) -> dict:
             kwargs["eps"] = eps
         layer = BatchNorm(x.shape[1], 4, **kwargs)
         used = layer.momentum, layer.eps
-    elif impl == "native":
+    else:
         if momentum is not None:
             kwargs["momentum"] = momentum
         if eps is not None:
             kwargs["epsilon"] = eps
         layer = native_layer(x.shape[1], **kwargs)
         used = layer._kwargs["momentum"], layer._kwargs["eps"]
-    else:
-        raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
     layer.initialize()
     layer.cast("float64")
     initial = _stats(layer)

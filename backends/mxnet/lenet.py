@@ -3,7 +3,7 @@ parameter conversion, and `lenet_train` / `lenet_eval`.
 
 Gluon's Conv2D (O×I×kH×kW) and Dense (out×in, flattening C×H×W) use PyTorch's layouts, and the
 layer attributes carry the canonical names (`conv1.weight`, `bn1.running_var`, ...), so the
-conversion is a lookup and a dtype cast.
+conversion (`common.convert`) is a lookup and a dtype cast.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import mxnet as mx
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
+from common import convert
 from common import lenet as canonical
 from common import spec
 
@@ -46,7 +47,8 @@ class LeNet(PerModeGraph):
 
     def stages(self):
         """(layer, its batch norm, max-pool after the sigmoid?) in forward order; fc3 follows.
-        The one description of the chain, also walked shard by shard by backends/mxnet/sync.py."""
+        The chain as backends/mxnet/sync.py walks it, shard by shard (`steps` is the same
+        chain layer by layer)."""
         return ((self.conv1, self.bn1, True), (self.conv2, self.bn2, True),
                 (self.fc1, self.bn3, False), (self.fc2, self.bn4, False))
 
@@ -56,10 +58,25 @@ class LeNet(PerModeGraph):
         a = F.Activation(z, act_type="sigmoid")
         return F.Pooling(a, kernel=(2, 2), stride=(2, 2), pool_type="max") if pool else a
 
+    def steps(self, F):
+        """(layer name, function) in `common.lenet.LAYERS` order for `F` (mx.nd or mx.sym): the
+        one definition of the forward pass, which `hybrid_forward` and `lenet_layers` run."""
+        def sigmoid(x):
+            return F.Activation(x, act_type="sigmoid")
+
+        def pool(x):
+            return F.Pooling(x, kernel=(2, 2), stride=(2, 2), pool_type="max")
+
+        return (("conv1", self.conv1), ("bn1", self.bn1), ("sigmoid1", sigmoid), ("pool1", pool),
+                ("conv2", self.conv2), ("bn2", self.bn2), ("sigmoid2", sigmoid), ("pool2", pool),
+                ("flatten", F.flatten), ("fc1", self.fc1), ("bn3", self.bn3),
+                ("sigmoid3", sigmoid), ("fc2", self.fc2), ("bn4", self.bn4),
+                ("sigmoid4", sigmoid), ("fc3", self.fc3))
+
     def hybrid_forward(self, F, x):
-        for layer, bn, pool in self.stages():
-            x = self.activate(F, bn(layer(x)), pool)
-        logits = self.fc3(x)
+        for _, fn in self.steps(F):
+            x = fn(x)
+        logits = x
         if F is mx.sym and autograd.is_training() and self._scratch:
             return (logits,) + tuple(s for b in self._scratch for s in b.traced_stats)
         return logits
@@ -74,14 +91,16 @@ class LeNet(PerModeGraph):
         return logits
 
 
-def build(impl, *, eps=1e-5, decay=0.9, unbiased=False):
-    """An uninitialised LeNet-BN with `impl`'s batch norm, configured from canonical terms."""
-    return LeNet(lambda c, d: make_layer(impl, c, d, eps=eps, decay=decay, unbiased=unbiased))
+def build(impl, *, eps=1e-5, decay=0.9, unbiased=False, fix_gamma=False):
+    """An uninitialised LeNet-BN with `impl`'s batch norm, configured from canonical terms;
+    `fix_gamma=True`: see `make_layer`."""
+    return LeNet(lambda c, d: make_layer(impl, c, d, eps=eps, decay=decay, unbiased=unbiased,
+                                         fix_gamma=fix_gamma))
 
 
-def _param(net, name):
-    layer, field = name.split(".")
-    return getattr(getattr(net, layer), field)
+def _params(net):
+    """The net's Parameters by the structural names Gluon's save_parameters uses."""
+    return net._collect_params_with_prefix()
 
 
 def load_params(net, params, dtype, ctx):
@@ -90,13 +109,15 @@ def load_params(net, params, dtype, ctx):
     canonical.validate_params(params)
     net.initialize(ctx=ctx)
     net.cast(dtype)
-    first = ctx[0] if isinstance(ctx, (list, tuple)) else ctx
-    for name in canonical.param_shapes():
-        _param(net, name).set_data(mx.nd.array(params[name], dtype=dtype, ctx=first))
+    first = ctx[0] if isinstance(ctx, (list, tuple)) else ctx  # set_data fills every context
+    targets = _params(net)
+    flat = convert.to_flat("mxnet", canonical.cast(params, np.float64), "native")
+    for key, value in flat.items():
+        targets[key].set_data(mx.nd.array(value, dtype=dtype, ctx=first))
 
 
 def to_canonical(net) -> dict[str, np.ndarray]:
-    return {name: _param(net, name).data().asnumpy() for name in canonical.param_shapes()}
+    return convert.from_flat("mxnet", {k: p.data().asnumpy() for k, p in _params(net).items()})
 
 
 def _ctx(device):
@@ -139,10 +160,33 @@ def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None
     return out
 
 
-def lenet_eval(params, x, *, impl, dtype="float64", device="cpu") -> np.ndarray:
-    """Logits in inference mode (running statistics)."""
+def _inference_net(impl, params, *, eps, fix_gamma, dtype, ctx):
+    """LeNet-BN holding `params` for inference. fix_gamma: MXNet's own (scale=False) in the
+    native layer; the from-scratch layer, which has none, runs with every gamma 1."""
+    native_fix = fix_gamma and impl == "native"
+    net = build(impl, eps=eps, fix_gamma=native_fix)
+    load_params(net, convert.fixed_gamma(params) if fix_gamma and not native_fix else params,
+                dtype, ctx)
+    return net
+
+
+def lenet_eval(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5,
+               fix_gamma=False) -> np.ndarray:
+    """Logits in inference mode (running statistics) with the checkpoint's eps and fix_gamma."""
     ctx = _ctx(device)
-    net = build(impl)
-    load_params(net, params, dtype, ctx)
+    net = _inference_net(impl, params, eps=eps, fix_gamma=fix_gamma, dtype=dtype, ctx=ctx)
     net.hybridize()
     return net(mx.nd.array(x, dtype=dtype, ctx=ctx)).asnumpy()
+
+
+def lenet_layers(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5, fix_gamma=False,
+                 inputs=None) -> dict:
+    """Every layer's output (`common.lenet.LAYERS`, NumPy) in inference mode, run imperatively;
+    a layer named in `inputs` is fed that array instead of the previous layer's output."""
+    ctx = _ctx(device)
+    x = np.asarray(x)
+    inputs = {k: mx.nd.array(v, dtype=dtype, ctx=ctx)
+              for k, v in canonical.check_layer_inputs(inputs, len(x)).items()}
+    net = _inference_net(impl, params, eps=eps, fix_gamma=fix_gamma, dtype=dtype, ctx=ctx)
+    out = canonical.run_layers(net.steps(mx.nd), mx.nd.array(x, dtype=dtype, ctx=ctx), inputs)
+    return {k: v.asnumpy() for k, v in out.items()}

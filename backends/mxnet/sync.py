@@ -180,7 +180,7 @@ def step_job(engine, xs, dys, opts):
     world = len(xs)
     ranks = [r for r, x in enumerate(xs) if len(x)]
     X = [_nd(engine, xs[r], r, dtype, grad=True) for r in ranks]
-    c, ndim = xs[0].shape[1], xs[0].ndim
+    c = xs[0].shape[1]
     gammas = [_nd(engine, opts["gamma"], r, dtype, grad=True) for r in ranks]
     betas = [_nd(engine, opts["beta"], r, dtype, grad=True) for r in ranks]
     rm, rv = opts["running_mean"], opts["running_var"]

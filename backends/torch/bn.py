@@ -48,8 +48,7 @@ IMPLS = ("scratch", "scratch-analytic", "native")
 MODES = ("training", "grad_enabled")
 DEFAULT_MOMENTUM = 0.9  # the source's value, in its own (old-weight) meaning
 DEFAULT_EPS = 1e-5
-CONVENTION = {"scratch": "torch-source", "scratch-analytic": "torch-source",
-              "native": "torch-native"}
+CONVENTION = spec.IMPL_CONVENTIONS["torch"]
 
 
 def _layout(ndim: int):

@@ -4,18 +4,18 @@ NumPy parameter dict (`common.lenet`, already in PyTorch layout) and the model; 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import convert
 from common import lenet as canon
 
 from .bn import check_impl, make_layer
 from .device import resolve_device
-
-_NATIVE_NAMES = {"gamma": "weight", "beta": "bias"}
-
 
 def torch_dtype(dtype) -> torch.dtype:
     """torch dtype for "float32"/"float64" (or the numpy/torch equivalents)."""
@@ -50,51 +50,48 @@ class LeNetBN(nn.Module):
         self.bn4 = make_layer(impl, 84, 2, **bn)
         self.fc3 = nn.Linear(84, 10, **f)
 
+    def steps(self):
+        """(layer name, function) in `common.lenet.LAYERS` order: the one definition of the
+        forward pass, which `forward` and `lenet_layers` both run."""
+        pool = functools.partial(F.max_pool2d, kernel_size=2)
+        return (("conv1", self.conv1), ("bn1", self.bn1), ("sigmoid1", torch.sigmoid),
+                ("pool1", pool), ("conv2", self.conv2), ("bn2", self.bn2),
+                ("sigmoid2", torch.sigmoid), ("pool2", pool),
+                ("flatten", functools.partial(torch.flatten, start_dim=1)), ("fc1", self.fc1),
+                ("bn3", self.bn3), ("sigmoid3", torch.sigmoid), ("fc2", self.fc2),
+                ("bn4", self.bn4), ("sigmoid4", torch.sigmoid), ("fc3", self.fc3))
+
     def forward(self, x):
-        x = F.max_pool2d(torch.sigmoid(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(torch.sigmoid(self.bn2(self.conv2(x))), 2)
-        x = torch.sigmoid(self.bn3(self.fc1(torch.flatten(x, 1))))
-        x = torch.sigmoid(self.bn4(self.fc2(x)))
-        return self.fc3(x)
-
-
-def torch_name(name: str, impl: str) -> str:
-    """Canonical name → the model's state_dict key (native BN calls gamma/beta weight/bias)."""
-    layer, field = name.rsplit(".", 1)
-    if impl == "native":
-        field = _NATIVE_NAMES.get(field, field)
-    return f"{layer}.{field}"
+        for _, fn in self.steps():
+            x = fn(x)
+        return x
 
 
 def load_params(model: LeNetBN, params) -> None:
-    """Copy the canonical dict into `model` in place (cast to its dtype and device)."""
+    """Copy the canonical dict into `model` in place (cast to its dtype and device), with
+    num_batches_tracked 0, through the converter's state_dict (`common.convert`)."""
     canon.validate_params(params)
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
-    with torch.no_grad():
-        for name in canon.param_shapes():
-            tensors[torch_name(name, model.impl)].copy_(torch.as_tensor(np.asarray(params[name])))
-        for name, t in tensors.items():
-            if name.endswith("num_batches_tracked"):
-                t.zero_()
+    state = convert.to_flat("torch", canon.cast(params, np.float64), model.impl)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
 
 
 def get_params(model: LeNetBN) -> dict[str, np.ndarray]:
     """The canonical dict (NumPy, the model's dtype) of `model`'s parameters and running stats."""
-    sd = model.state_dict()
-    return {name: sd[torch_name(name, model.impl)].detach().cpu().numpy().copy()
-            for name in canon.param_shapes()}
+    return convert.from_flat("torch", {k: v.detach().cpu().numpy().copy()
+                                       for k, v in model.state_dict().items()})
 
 
 def build_lenet(impl, *, eps=1e-5, decay=0.9, unbiased=None, device="cpu", dtype=torch.float32,
-                params=None) -> LeNetBN:
+                params=None, fix_gamma=False) -> LeNetBN:
     """LeNet-BN on `device` holding `params` (default: `common.lenet.init_params(0)`). Built on the
-    meta device first, so building never draws from torch's global RNG."""
+    meta device first, so building never draws from torch's global RNG. `fix_gamma=True` runs
+    with every gamma 1, as MXNet's fix_gamma does (PyTorch has no such option)."""
     check_impl(impl)
     with torch.device("meta"):
         model = LeNetBN(impl, eps=eps, decay=decay, unbiased=unbiased, dtype=torch_dtype(dtype))
     model.to_empty(device=device)
-    load_params(model, canon.init_params(0) if params is None else params)
+    params = canon.init_params(0) if params is None else params
+    load_params(model, convert.fixed_gamma(params) if fix_gamma else params)
     return model
 
 
@@ -139,11 +136,31 @@ def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None
     return out
 
 
-def lenet_eval(params, x, *, impl, dtype="float64", device="cpu") -> np.ndarray:
-    """Logits (N×10, NumPy) in inference mode, i.e. with the running statistics."""
+def lenet_eval(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5,
+               fix_gamma=False) -> np.ndarray:
+    """Logits (N×10, NumPy) in inference mode, i.e. with the running statistics, with the
+    checkpoint's eps (and MXNet's fix_gamma, see `build_lenet`)."""
     dev, _ = resolve_device(device)
     tdt = torch_dtype(dtype)
-    model = build_lenet(impl, device=dev, dtype=tdt, params=params).eval()
+    model = build_lenet(impl, eps=eps, device=dev, dtype=tdt, params=params,
+                        fix_gamma=fix_gamma).eval()
     with torch.no_grad():
         return model(_images(x, tdt, dev)).cpu().numpy()
 
+
+def lenet_layers(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5, fix_gamma=False,
+                 inputs=None) -> dict:
+    """Every layer's output ({name in `common.lenet.LAYERS`: NumPy array}) in inference mode; a
+    layer named in `inputs` is fed that array instead of the previous layer's output."""
+    from .train import resolve_device
+
+    dev, _ = resolve_device(device)
+    tdt = torch_dtype(dtype)
+    x = _images(x, tdt, dev)
+    inputs = {k: torch.tensor(np.asarray(v), dtype=tdt, device=dev)
+              for k, v in canon.check_layer_inputs(inputs, len(x)).items()}
+    model = build_lenet(impl, eps=eps, device=dev, dtype=tdt, params=params,
+                        fix_gamma=fix_gamma).eval()
+    with torch.no_grad():
+        out = canon.run_layers(model.steps(), x, inputs)
+    return {k: v.cpu().numpy() for k, v in out.items()}
