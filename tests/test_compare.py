@@ -82,7 +82,11 @@ def test_quick_run_writes_every_report_and_passes(quick_run):
     assert all(r["test_acc"] > 0.4 and r["device"] for r in train.values())  # chance is 0.1
     assert (out / "training.png").stat().st_size > 10_000
     speed = res["speed"]
-    assert set(speed["runs"]) == {f"{b}/{i}" for b in live for i in res["backends"][b]["impls"]}
+    sources = ("source-scratch", "source-native")
+    assert set(speed["runs"]) == {f"{b}/{i}" for b in live for i in (*res["backends"][b]["impls"], *sources)}
+    for row in speed["rows"]:  # every fast path is compared with the source loop measured beside it
+        if "source-" not in row["run"]:
+            assert row["x_source_native"] > 0 and row["step_time_vs_native"] > 0, row
     for key, r in speed["runs"].items():
         assert "error" not in r, (key, r)
         assert len(r["runs"]) == speed["config"]["repeats"] and r["interleaved"], key
