@@ -6,10 +6,11 @@ import flax  # noqa: F401  (a missing Flax must make the backend unavailable at 
 import jax  # noqa: F401
 import optax  # noqa: F401
 
-from backends.jax.bn import IMPLS, BatchNorm, batch_norm, bn_step, conventions, probe
+from backends.jax.bn import IMPLS, BatchNorm, batch_norm, bn_step, conventions
 from backends.jax.lenet import LeNetBN, lenet_eval, lenet_train
+from backends.jax.probe import experiment, observe
 from backends.jax.train import exact_numerics, fit, speed, speed_timer, versions
 
-__all__ = ["IMPLS", "bn_step", "conventions", "probe", "lenet_train", "lenet_eval", "fit",
+__all__ = ["IMPLS", "bn_step", "conventions", "observe", "experiment", "lenet_train", "lenet_eval", "fit",
            "speed", "speed_timer", "exact_numerics", "versions", "batch_norm", "BatchNorm",
            "LeNetBN"]

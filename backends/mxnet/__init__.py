@@ -13,9 +13,11 @@ if "bool" not in vars(numpy):  # hasattr would trigger NumPy 1.2x's FutureWarnin
 
 import mxnet  # noqa: E402,F401  (fails here, not later, when MXNet is missing or broken)
 
-from .bn import IMPLS, BatchNorm, batch_norm, bn_step, conventions, probe  # noqa: E402
+from .bn import IMPLS, BatchNorm, batch_norm, bn_step, conventions  # noqa: E402
 from .lenet import lenet_eval, lenet_train  # noqa: E402
+from .probe import experiment, observe  # noqa: E402
 from .train import exact_numerics, fit, speed, speed_timer, versions  # noqa: E402
 
-__all__ = ["IMPLS", "BatchNorm", "batch_norm", "bn_step", "conventions", "probe", "lenet_train",
+__all__ = ["IMPLS", "BatchNorm", "batch_norm", "bn_step", "conventions", "observe", "experiment",
+           "lenet_train",
            "lenet_eval", "fit", "speed", "speed_timer", "exact_numerics", "versions"]

@@ -6,10 +6,11 @@ torch state (threads, default dtype, RNG).
 """
 import torch  # noqa: F401  (fail here, cleanly, when torch is missing)
 
-from .bn import IMPLS, BatchNorm, batch_norm, batch_norm_analytic, bn_step, conventions, probe
+from .bn import IMPLS, BatchNorm, batch_norm, batch_norm_analytic, bn_step, conventions
 from .lenet import lenet_eval, lenet_train
+from .probe import experiment, observe
 from .train import DeviceSteps, exact_numerics, fit, speed, speed_timer, versions
 
 __all__ = ["IMPLS", "BatchNorm", "batch_norm", "batch_norm_analytic", "bn_step", "conventions",
-           "probe", "lenet_train", "lenet_eval", "fit", "speed", "speed_timer", "exact_numerics",
+           "observe", "experiment", "lenet_train", "lenet_eval", "fit", "speed", "speed_timer", "exact_numerics",
            "DeviceSteps", "versions"]
