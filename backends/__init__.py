@@ -6,7 +6,8 @@ and never breaks the others.
 
 The contract every backend (`backends.<name>`, numpy in, numpy out) implements. The modules have
 the same names in every backend: `bn.py` (from-scratch `batch_norm`, the `BatchNorm` layer,
-`bn_step`, `conventions`), `lenet.py` (LeNet-BN, `lenet_train`, `lenet_eval`), `train.py`
+`bn_step`, `conventions`), `probe.py` (the conventions experiment's adapter), `lenet.py`
+(LeNet-BN, `lenet_train`, `lenet_eval`), `train.py`
 (training loop on the common loader, device selection).
 
 IMPLS: tuple of impl names; "scratch" and "native" in every backend (torch adds
@@ -21,7 +22,9 @@ bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, de
     something else; bad shapes raise ValueError (`common.reference.validate_inputs`).
 
 conventions() -> {impl: {field: value for field in common.spec.CONVENTION_FIELDS}}
-    For "native", defaults read from the installed framework, not hard-coded.
+    Claims: the documented facts of the impl's family (common.spec.DOCUMENTED) and its
+    constructor's signature defaults read with `inspect` from the installed framework
+    (common.spec.claims); never read back from a built layer.
 
 lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None, dtype="float64",
             device="cpu") -> {"losses": [float per step], "params": canonical dict}
@@ -43,14 +46,16 @@ fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dtype=
     "examples_per_s", "seconds"}], "final_loss", "train_acc", "test_acc", "examples_per_s",
     "wall_s"}; examples_per_s counts training steps only.
 
-probe(impl, x, *, momentum=None, eps=None) -> dict
-    Evidence for conventions(): a fresh layer of `impl` built with its OWN defaults (momentum and
-    eps overridden only when given, in the impl's own meaning) runs one training step on `x`
-    (N×C×H×W float64 NumPy; converted to the impl's layout inside) with upstream gradient ones.
-    Returns {"momentum": used, "eps": used, "initial": stats, "after_forward": stats,
-    "after_backward": stats, "y": output in NCHW}, stats = {"running_mean", "running_var"}.
-    `common.conventions.infer` turns this into the convention fields, so the conventions table
-    is an experiment, not a claim.
+observe(impl, *, seed=0) -> dict
+experiment(factory, args=(), kwargs=None, *, name, seed=0) -> dict
+    (in probe.py) Evidence for conventions(): `common.conventions.experiment` on fresh layers,
+    of `impl` built with its own defaults (observe) or of any layer class or factory of this
+    framework (experiment, behind `compare.py probe`), through the backend's adapter
+    (`probe.Adapter`, the protocol in common/conventions.py: float64, the framework's own
+    training/inference switch, statistics read after forward and after backward). Returns
+    {"family", "built", "claimed", "observations"}; `common.conventions.measure(observations)`
+    turns the record into the convention fields, so the conventions table is an experiment, not
+    a claim. What cannot be probed raises `common.conventions.ProbeInputError` (one line).
 
 speed_timer(*, impl, device="auto", batch_size=256, dtype="float32", steps=50) -> timer
     (in train.py) Training-step throughput of LeNet-BN on the fastest path this backend has for

@@ -58,6 +58,7 @@ DTYPE_TOL = 1e-12  # the applied momentum vs m and float32(m)
 EPS_RTOL = 1e-6
 VAR_RTOL = 1e-7  # the running-variance statistic vs the biased / unbiased batch variance
 OUTPUT_RTOL = 1e-8  # an output against a hypothesis, relative to max(1, |y|)
+LOW_PRECISION = 1e-4  # a shift moving the output this little: batch norm in float32 or lower
 
 
 class ProbeInputError(ValueError):
@@ -94,7 +95,8 @@ def plan(seed: int = 0, channels: int = CHANNELS) -> dict:
         out["train"][ndim] = [_bcast((c + 1.0) + k, ndim) + _bcast(0.1 * (c + 1) * (1 + 0.5 * k), ndim)
                               * _standardised(rng, shape) for k in range(STEPS)]
         out["dy"][ndim] = [rng.normal(size=shape) for _ in range(STEPS)]
-        out["eval"][ndim] = _bcast(-0.5 * (c + 1), ndim) + _bcast(0.3 * (1 + c % 3), ndim) * rng.normal(size=shape)
+        out["eval"][ndim] = (_bcast(-0.5 * (c + 1), ndim)
+                             + _bcast(0.3 * (1 + c % 3), ndim) * rng.normal(size=shape))
     out["layout"] = {4: rng.normal(size=(6, channels, channels, channels)),
                      2: rng.normal(size=(16, channels))}
     out["shift"] = np.array([2.0, -1.0, 3.0, 0.5])[c % 4] + 0.25 * (c // 4)
@@ -144,9 +146,15 @@ def find_layout(build, p) -> dict:
             tried.append(f"{ndim}-D input {x.shape}: output shape {ys[None].shape}")
             continue
         scale = max(1.0, float(np.max(np.abs(ys[None]))))
-        invariant = [a for a in axes if np.max(np.abs(ys[a] - ys[None])) <= OUTPUT_RTOL * scale]
+        moved = {a: float(np.max(np.abs(ys[a] - ys[None]))) / scale for a in axes}
+        invariant = [a for a in axes if moved[a] <= OUTPUT_RTOL]
         if len(invariant) == 1:
             return {"ndim": ndim, "channel_axis": invariant[0], "tried": tried}
+        if not invariant and OUTPUT_RTOL < min(moved.values()) <= LOW_PRECISION:
+            raise ProbeInputError(
+                f"the layer does not compute in float64: its training output moves by "
+                f"{min(moved.values()):.1e} (relative) when a constant per channel is added, where "
+                "float64 batch norm moves by ~1e-15; the probe measures layers in float64")
         tried.append(f"{ndim}-D input {x.shape}: " + (
             "the output ignores per-index shifts along every axis" if invariant else
             "the output moves when a constant per channel is added"
@@ -261,8 +269,8 @@ def signature_arguments(factory, args=(), kwargs=None) -> dict:
     except TypeError:
         return dict(kwargs or {})
     bound.apply_defaults()
-    return {k: v for k, v in bound.arguments.items()
-            if sig.parameters[k].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {k: v for k, v in bound.arguments.items() if sig.parameters[k].kind not in variadic}
 
 
 def takes_momentum(factory) -> bool:
@@ -286,6 +294,24 @@ def builder(factory, args, kwargs, *, wrap, layer_type, framework: str, name: st
                                   f"{type(layer).__module__}.{type(layer).__qualname__}, not a {framework}")
         return wrap(layer, channels)
     return build
+
+
+def experiment(factory, args=(), kwargs=None, *, name: str, seed: int = 0, wrap, layer_type,
+               framework: str, families) -> dict:
+    """The experiment on layers built by `factory(*args, **kwargs)` (the channel count added
+    where the constructor takes one), wrapped by a backend's adapter class `wrap`:
+    {"family", "built", "claimed", "observations"}. `families` is ((class, DOCUMENTED key), ...),
+    most specific first; the claims are that family's documented facts and the arguments the
+    layer runs with (common.spec.claims). ProbeInputError for what cannot be probed."""
+    args, kwargs, channels = call_arguments(factory, args, kwargs, name=name)
+    build = builder(factory, args, kwargs, wrap=wrap, layer_type=layer_type, framework=framework,
+                    name=name, channels=channels)
+    layer = build().layer
+    family = next((key for cls, key in families if isinstance(layer, cls)), None)
+    obs = observe(build, seed=seed, channels=channels, momentum=takes_momentum(factory))
+    return {"family": family, "built": describe_call(name, args, kwargs),
+            "claimed": spec.claims(family, signature_arguments(factory, args, kwargs)),
+            "observations": obs}
 
 
 # -- analysis (pure) ----------------------------------------------------------------------------
@@ -355,10 +381,12 @@ def _affine(x, y, p, affine_set, step):
         if (resid <= OUTPUT_RTOL * scale and np.all(np.isfinite(eps_c))
                 and np.ptp(eps_c) <= 1e-10 + EPS_RTOL * float(np.max(np.abs(eps_c)))
                 and float(np.min(eps_c)) >= -1e-12):
-            return {"eps": max(float(np.mean(eps_c)), 0.0), "g": g, "b": b,
-                    "gamma": _role(gk == "set", affine_set.get("gamma"), step.get("dgamma"), "fixed to 1"),
-                    "beta": _role(bk == "set", affine_set.get("beta"), step.get("dbeta"), "fixed to 0")}, None
-    shown = "; ".join(f"gamma {gk}, beta {bk}: {_fmt_list([float(v) for v in e])}" for (gk, bk), e in tried.items())
+            gamma = _role(gk == "set", affine_set.get("gamma"), step.get("dgamma"), "fixed to 1")
+            beta = _role(bk == "set", affine_set.get("beta"), step.get("dbeta"), "fixed to 0")
+            return {"eps": max(float(np.mean(eps_c)), 0.0), "g": g, "b": b, "gamma": gamma,
+                    "beta": beta}, None
+    shown = "; ".join(f"gamma {gk}, beta {bk}: {_fmt_list([float(v) for v in e])}"
+                      for (gk, bk), e in tried.items())
     return None, ("the training output is not gamma·(x − mean)/sqrt(var + eps) + beta with one eps "
                   f"and the biased batch variance (per-channel eps under each hypothesis: {shown})")
 
@@ -378,7 +406,10 @@ def _normalise(x, mean, var, eps, g, b):
 
 def _close(a, b) -> bool:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return a.shape == b.shape and bool(np.max(np.abs(a - b), initial=0.0) <= OUTPUT_RTOL * max(1.0, float(np.max(np.abs(b), initial=0.0))))
+    if a.shape != b.shape:
+        return False
+    scale = max(1.0, float(np.max(np.abs(b), initial=0.0)))
+    return bool(np.max(np.abs(a - b), initial=0.0) <= OUTPUT_RTOL * scale)
 
 
 def _applied_dtype(applied: float, m: float):
@@ -445,22 +476,19 @@ def measure(obs: dict) -> dict:
         m["initial_running_var"] = float(rv0[0]) if np.ptp(rv0) == 0 else [float(v) for v in rv0]
     first = steps[0]
     if stats:
-        if "returned" in first:
-            moved = _changed(initial, first["returned"])
-            untouched = not _changed(initial, first["after_forward"]) and not _changed(initial, first["after_backward"])
-            m["stats_update"] = ("returned by apply" if moved and untouched else
-                                 "never" if not moved else "forward" if _changed(initial, first["after_forward"])
-                                 else "backward")
+        forward, backward = (_changed(initial, first[k]) for k in ("after_forward", "after_backward"))
+        if "returned" in first and not (forward or backward):  # a functional API
+            m["stats_update"] = "returned by apply" if _changed(initial, first["returned"]) else "never"
         else:
-            m["stats_update"] = ("forward" if _changed(initial, first["after_forward"]) else
-                                 "backward" if _changed(initial, first["after_backward"]) else "never")
+            m["stats_update"] = "forward" if forward else "backward" if backward else "never"
     elif any(s["running_mean"] is not None or s["running_var"] is not None for s in states):
         problems.append("only one of running_mean / running_var was found")
     # inference: running statistics or batch statistics?
     xe = p["eval"][ndim]
     axes = reduce_axes(ndim)
     if affine is not None:
-        as_batch = _normalise(xe, xe.mean(axis=axes), xe.var(axis=axes), affine["eps"], affine["g"], affine["b"])
+        as_batch = _normalise(xe, xe.mean(axis=axes), xe.var(axis=axes), affine["eps"], affine["g"],
+                              affine["b"])
         uses = []
         if stats:
             final = states[-1]
@@ -563,8 +591,9 @@ def agreement(obs: dict, measured: dict) -> dict:
     if measured.get("default_eps") is None or measured.get("gamma") is None:
         return {"skipped": "the output's eps and gamma could not be measured"}
     eps = max(measured["default_eps"], 1e-300)
-    g = p["gamma"] if measured["gamma"] in ("learnable", "used, no gradient") else np.ones_like(p["gamma"])
-    b = p["beta"] if measured.get("beta") in ("learnable", "used, no gradient") else np.zeros_like(p["beta"])
+    used = ("learnable", "used, no gradient")
+    g = p["gamma"] if measured["gamma"] in used else np.ones_like(p["gamma"])
+    b = p["beta"] if measured.get("beta") in used else np.zeros_like(p["beta"])
     states = [obs["initial"]] + [_state(s) for s in steps]
     decays = measured.get("decays") or []
     # running statistics are compared wherever each step has one decay (an EMA, a cumulative
@@ -595,7 +624,8 @@ def agreement(obs: dict, measured: dict) -> dict:
         skipped["running_mean"] = skipped["running_var"] = why
     xe = p["eval"][ndim]
     final = states[-1]
-    if measured.get("eval") == "running statistics" or (measured.get("eval") is None and _has_stats(final)):
+    uses_running = measured.get("eval") == "running statistics"
+    if uses_running or (measured.get("eval") is None and _has_stats(final)):
         ref = bn_step(xe, g, b, final["running_mean"], final["running_var"], np.zeros_like(xe),
                       training=False, eps=eps)
     else:
@@ -621,9 +651,11 @@ def parse_layer(text: str) -> dict:
     ARGS are Python literals (ast.literal_eval, never eval). ValueError in one line."""
     framework, sep, rest = text.partition(":")
     if not sep or not rest:
-        raise ValueError(f"{text!r}: expected FRAMEWORK:IMPORT.PATH[(ARGS)], e.g. torch:torch.nn.BatchNorm2d")
+        raise ValueError(f"{text!r}: expected FRAMEWORK:IMPORT.PATH[(ARGS)], "
+                         "e.g. torch:torch.nn.BatchNorm2d")
     if framework not in FRAMEWORKS:
-        raise ValueError(f"{text!r}: unknown framework {framework!r}; choose from {', '.join(FRAMEWORKS)}")
+        raise ValueError(f"{text!r}: unknown framework {framework!r}; choose from "
+                         f"{', '.join(FRAMEWORKS)}")
     rest = rest.strip()
     path, args, kwargs = rest, [], {}
     if "(" in rest:
@@ -671,7 +703,8 @@ def parse_expect(text: str | None) -> dict:
         try:
             parsed = float(value)
         except ValueError:
-            parsed = {"old": OLD, "new": NEW}.get(value.lower(), value) if field == "momentum_weighs" else value
+            words = {"old": OLD, "new": NEW} if field == "momentum_weighs" else {}
+            parsed = words.get(value.lower(), value)
         else:
             if not math.isfinite(parsed):
                 raise ValueError(f"--expect {item!r}: not a finite number")

@@ -128,7 +128,8 @@ def claims(family: str | None, arguments: dict) -> dict:
     stated = {**ARGUMENTS["*"], **ARGUMENTS.get(family, {})}
     for arg, value in arguments.items():
         if arg in stated:
-            out[stated[arg]] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            out[stated[arg]] = float(value) if number else value
         meanings = MEANINGS.get((family, arg))
         if meanings is None:
             continue

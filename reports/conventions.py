@@ -50,7 +50,8 @@ def resolve(path: str):
                                        f"{' '.join(str(e).split())[:200]}") from None
         for i, attr in enumerate(rest):
             if not hasattr(obj, attr):
-                raise conv.ProbeInputError(f"{path}: {'.'.join([name, *rest[:i]])} has no attribute {attr!r}")
+                owner = ".".join([name, *rest[:i]])
+                raise conv.ProbeInputError(f"{path}: {owner} has no attribute {attr!r}")
             obj = getattr(obj, attr)
         return obj
     raise conv.ProbeInputError(f"{path}: no importable module in that path")
@@ -98,7 +99,8 @@ def check_row(row: str, claimed: dict, observations: dict) -> dict:
 def row_failures(row: dict) -> list[str]:
     """A claim the experiment contradicts, or a claimed field it could not measure."""
     wrong = [f for f, c in row["check"].items() if c["agrees"] is False]
-    unmeasured = [f for f, c in row["check"].items() if c["claimed"] is not None and c["measured"] is None]
+    unmeasured = [f for f, c in row["check"].items()
+                  if c["claimed"] is not None and c["measured"] is None]
     out = []
     if wrong:
         out.append(f"{row['row']} claims differ from the experiment: {', '.join(wrong)}")

@@ -10,7 +10,6 @@ agreement with `common.reference.bn_step` under the conventions it was measured 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -90,7 +89,8 @@ def analyse(spec_text: str, result: dict, expected: dict) -> dict:
            "claimed": result["claimed"], "measured": measured,
            "check": conv.compare(result["claimed"], measured),
            "agreement": conv.agreement(result["observations"], measured),
-           "unmet": {f: {"expected": e, "measured": m} for f, (e, m) in conv.unmet(expected, measured).items()}}
+           "unmet": {f: {"expected": e, "measured": got}
+                     for f, (e, got) in conv.unmet(expected, measured).items()}}
     if measured["running_stats"] == "EMA" and measured["decay"] is not None:
         out["translation"] = translation(measured["decay"])
     return out
@@ -106,7 +106,8 @@ def _running_line(m: dict) -> str:
                 + ", ".join(fmt_value(d) for d in m["decays"]) + " = 1 − 1/k, so no constant "
                 "momentum of any framework reproduces it")
     elif kind == "none":
-        line = "none: the layer keeps no running statistics and normalises with the batch's in inference"
+        line = ("none: the layer keeps no running statistics and normalises with the batch's in "
+                "inference")
     else:
         line = kind or "not identified"
     if m.get("eval") and kind != "none":
@@ -148,8 +149,8 @@ def markdown(r: dict) -> str:
         lines += [f"Each training step from the layer's own previous state ({settings}); "
                   f"float64, tolerance {render.fmt(1e-10)} absolute.", "",
                   render.md_table(["quantity", "max abs error"],
-                                  [[q, f"— ({v['skipped']})" if "skipped" in v else render.cell(v["error"], v["pass"])]
-                                   for q, v in a.items()])]
+                                  [[q, f"— ({v['skipped']})" if "skipped" in v
+                                    else render.cell(v["error"], v["pass"])] for q, v in a.items()])]
     if r["unmet"]:
         lines += ["", "### --expect not met", "",
                   *(f"- {f}: expected {fmt_value(v['expected'])}, measured {fmt_value(v['measured'])}"

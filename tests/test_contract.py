@@ -6,10 +6,11 @@ largest reference magnitude (float32 epsilon is 1.2e-7; sums over up to a few hu
 """
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 import backends
 from common import conventions as conv
-from common import data, lenet
+from common import data, lenet, testing
 from common.spec import CONVENTION_FIELDS, effective_decay
 from common.reference import RESULT_KEYS, bn_step as reference_step, error, random_case, within_tolerance
 from conftest import load_backend, backend_impls
@@ -54,6 +55,26 @@ def test_bn_step_matches_reference(name, impl, shape, dtype, decay, eps, trainin
     out = _step(backend, impl, case, training=training, eps=eps, decay=decay, unbiased=unbiased)
     if out is not None:  # None: a justified refusal, asserted in _step
         assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("name, impl", CASES)
+def test_every_impl_passes_the_users_helper_on_drawn_cases(name, impl):
+    """common.testing's strategy and helper, as a user would run them, on every impl: drawn
+    shapes (batches of two, constant channels, large offsets, eps near the variance) in both
+    dtypes, training and inference, at a decay exact in float32 (MXNet's native momentum) and
+    the impl's own running-variance estimator."""
+    backend = load_backend(name)
+    claims = {"decay": 0.75, "unbiased": backend.conventions()[impl]["running_var"] == "unbiased"}
+    examples = 4 if name == "jax" else 10  # JAX compiles every new shape anew (~1.5 s a case here)
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(testing.bn_cases())
+    def check(case):
+        testing.assert_matches_reference(lambda *a, **k: backend.bn_step(*a, impl=impl, **k),
+                                         conventions=claims, cases=[case])
+
+    check()
 
 
 @pytest.mark.parametrize("name, impl", CASES)

@@ -11,6 +11,6 @@ from backends.jax.lenet import LeNetBN, lenet_eval, lenet_train
 from backends.jax.probe import experiment, observe
 from backends.jax.train import exact_numerics, fit, speed, speed_timer, versions
 
-__all__ = ["IMPLS", "bn_step", "conventions", "observe", "experiment", "lenet_train", "lenet_eval", "fit",
-           "speed", "speed_timer", "exact_numerics", "versions", "batch_norm", "BatchNorm",
+__all__ = ["IMPLS", "bn_step", "conventions", "observe", "experiment", "lenet_train", "lenet_eval",
+           "fit", "speed", "speed_timer", "exact_numerics", "versions", "batch_norm", "BatchNorm",
            "LeNetBN"]

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import conventions as conv
-from common import spec
 
 from . import bn
 
@@ -45,7 +44,7 @@ class Adapter:
     """A Flax module with its variables in float64, for `common.conventions.observe`."""
 
     def __init__(self, module: nn.Module, channels: int):
-        self.module, self.channels = module, channels
+        self.layer, self.channels = module, channels
         self.variables = None
         self._mode = self._mode_switch(module)
 
@@ -135,22 +134,12 @@ class Adapter:
         return np.asarray(y)
 
 
-def family(layer) -> str | None:
-    return next((name for cls, name in FAMILIES if isinstance(layer, cls)), None)
-
-
 def experiment(factory, args=(), kwargs=None, *, name: str, seed: int = 0) -> dict:
     """As backends/torch/probe.py: the experiment on modules built by `factory`, with 64-bit
     JAX types switched on for its duration."""
-    args, kwargs, channels = conv.call_arguments(factory, args, kwargs, name=name)
-    build = conv.builder(factory, args, kwargs, wrap=Adapter, layer_type=nn.Module,
-                         framework="flax.linen.Module", name=name, channels=channels)
     with bn.x64_mode(np.float64):
-        fam = family(build().module)
-        obs = conv.observe(build, seed=seed, channels=channels, momentum=conv.takes_momentum(factory))
-    return {"family": fam, "built": conv.describe_call(name, args, kwargs),
-            "claimed": spec.claims(fam, conv.signature_arguments(factory, args, kwargs)),
-            "observations": obs}
+        return conv.experiment(factory, args, kwargs, name=name, seed=seed, wrap=Adapter,
+                               layer_type=nn.Module, framework="flax.linen.Module", families=FAMILIES)
 
 
 def observe(impl: str, *, seed: int = 0) -> dict:

@@ -9,7 +9,6 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 from common import conventions as conv
-from common import spec
 
 from . import bn
 
@@ -74,20 +73,10 @@ class Adapter:
         return self.layer(mx.nd.array(x, dtype="float64")).asnumpy()
 
 
-def family(layer) -> str | None:
-    return next((name for cls, name in FAMILIES if isinstance(layer, cls)), None)
-
-
 def experiment(factory, args=(), kwargs=None, *, name: str, seed: int = 0) -> dict:
     """As backends/torch/probe.py: the experiment on layers built by `factory`."""
-    args, kwargs, channels = conv.call_arguments(factory, args, kwargs, name=name)
-    build = conv.builder(factory, args, kwargs, wrap=Adapter, layer_type=gluon.Block,
-                         framework="mxnet.gluon.Block", name=name, channels=channels)
-    fam = family(build().layer)
-    obs = conv.observe(build, seed=seed, channels=channels, momentum=conv.takes_momentum(factory))
-    return {"family": fam, "built": conv.describe_call(name, args, kwargs),
-            "claimed": spec.claims(fam, conv.signature_arguments(factory, args, kwargs)),
-            "observations": obs}
+    return conv.experiment(factory, args, kwargs, name=name, seed=seed, wrap=Adapter,
+                           layer_type=gluon.Block, framework="mxnet.gluon.Block", families=FAMILIES)
 
 
 def observe(impl: str, *, seed: int = 0) -> dict:

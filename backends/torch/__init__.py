@@ -12,5 +12,5 @@ from .probe import experiment, observe
 from .train import DeviceSteps, exact_numerics, fit, speed, speed_timer, versions
 
 __all__ = ["IMPLS", "BatchNorm", "batch_norm", "batch_norm_analytic", "bn_step", "conventions",
-           "observe", "experiment", "lenet_train", "lenet_eval", "fit", "speed", "speed_timer", "exact_numerics",
-           "DeviceSteps", "versions"]
+           "observe", "experiment", "lenet_train", "lenet_eval", "fit", "speed", "speed_timer",
+           "exact_numerics", "DeviceSteps", "versions"]

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from common import conventions as conv
-from common import spec
 
 from . import bn
 
@@ -93,22 +92,12 @@ class Adapter:
             self.layer.train()
 
 
-def family(layer) -> str | None:
-    return next((name for cls, name in FAMILIES if isinstance(layer, cls)), None)
-
-
 def experiment(factory, args=(), kwargs=None, *, name: str, seed: int = 0) -> dict:
-    """The experiment on layers built by `factory(*args, **kwargs)` (the channel count added
-    where the constructor takes one): {"family", "claimed", "observations", "built"}.
-    Raises common.conventions.ProbeInputError for what cannot be probed."""
-    args, kwargs, channels = conv.call_arguments(factory, args, kwargs, name=name)
-    build = conv.builder(factory, args, kwargs, wrap=Adapter, layer_type=nn.Module,
-                         framework="torch.nn.Module", name=name, channels=channels)
-    fam = family(build().layer)
-    obs = conv.observe(build, seed=seed, channels=channels, momentum=conv.takes_momentum(factory))
-    return {"family": fam, "built": conv.describe_call(name, args, kwargs),
-            "claimed": spec.claims(fam, conv.signature_arguments(factory, args, kwargs)),
-            "observations": obs}
+    """The experiment (common.conventions.experiment) on layers built by `factory(*args,
+    **kwargs)`: {"family", "claimed", "observations", "built"}. Raises
+    common.conventions.ProbeInputError for what cannot be probed."""
+    return conv.experiment(factory, args, kwargs, name=name, seed=seed, wrap=Adapter,
+                           layer_type=nn.Module, framework="torch.nn.Module", families=FAMILIES)
 
 
 def observe(impl: str, *, seed: int = 0) -> dict:
