@@ -1,9 +1,11 @@
 """Measure what a batch-norm layer does, by experiment, independently of what it claims.
 
 One experiment serves the conventions report (the suite's own impls) and `compare.py probe` (any
-layer). It runs in the backend's child process: `observe(build, ...)` drives fresh layers through
-an adapter (see ADAPTER below; each backend's `probe.py` has one) and records what they do. The
-rest is pure NumPy, run anywhere:
+layer). It runs in the backend's child process: `experiment(factory, ...)` builds fresh layers
+(`call_arguments`, `builder`), reads the claims (`common.spec.claims` of the layer's family and
+the arguments it runs with, by `inspect`) and `observe(build, ...)` drives the layers through an
+adapter (see ADAPTER below; each backend's `probe.py` has one), recording what they do. The rest
+is pure NumPy, run anywhere:
 
 - `measure(observations)` turns the record into the convention fields of `common.spec`
   (`CONVENTION_FIELDS`), each solved from the numbers: the decay from the running mean over

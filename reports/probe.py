@@ -36,8 +36,8 @@ momentum_weighs takes old/new).
 
 exit status:
   0    the layer was measured (✗ cells are findings, not failures)
-  1    an --expect field differs (each is listed), or the framework is unavailable or its
-       process crashed (the reason is printed)
+  1    an --expect field differs (each is listed), or the framework is unavailable, its
+       process crashed or ran past --timeout (the reason is printed)
   2    bad input, one line: a malformed spec, an unimportable path, something that is not a
        batch-norm layer, a layer that needs arguments it was not given"""
 
@@ -59,6 +59,8 @@ def build_parser(prog: str = "compare.py probe") -> argparse.ArgumentParser:
     p.add_argument("--python", metavar="INTERPRETER",
                    help="run the framework under another Python (e.g. MXNet's numpy<2 environment)")
     p.add_argument("--json", action="store_true", help="print the whole measurement as JSON")
+    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
+                   help="kill the framework's process after this long (default 600)")
     return p
 
 
@@ -71,6 +73,8 @@ def validate(args) -> tuple[dict, dict]:
         raise UsageError(str(e)) from None
     if args.seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    if not (args.timeout > 0 and args.timeout != float("inf")):
+        raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.python is not None and not pathlib.Path(args.python).exists():
         raise UsageError(f"--python {args.python}: does not exist")
     return target, expected
@@ -167,7 +171,7 @@ def main(argv=None) -> int:
         return 2
     log(f"[{target['backend']}] probing {args.layer} ...")
     r = child.call(target["backend"], "conventions.layer", {"layer": args.layer, "seed": args.seed},
-                   python=args.python, progress=log)
+                   python=args.python, progress=log, timeout=args.timeout)
     if "result" not in r:
         print(f"compare.py probe: {one_line(r.get('unavailable') or r.get('failed'))}", file=sys.stderr)
         return 1

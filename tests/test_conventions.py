@@ -250,3 +250,19 @@ def test_expectations_parse_and_compare_nan_safely():
     for bad in ("colour=red", "decay", "decay=inf"):
         with pytest.raises(ValueError, match="--expect"):
             conv.parse_expect(bad)
+
+
+def test_the_report_fails_a_contradicted_or_unmeasurable_claim_and_shows_the_measured_value():
+    from reports import conventions as report
+
+    obs, _ = measure(unbiased=False)
+    row = report.check_row("fake/native", TORCH_LIKE, obs)
+    assert report.row_failures(row) == ["fake/native claims differ from the experiment: running_var"]
+    md = report.markdown([row], {"mxnet_source_0.9_as_torch_source": 0.1, "steps": 5, "runs": {}},
+                         lambda width: [])
+    assert "| fake/native | new batch statistic ✓ |" in md and "unbiased ✗ (measured biased)" in md
+    obs, _ = measure(running="none")
+    failures = report.row_failures(report.check_row("fake/untracked", TORCH_LIKE, obs))
+    assert len(failures) == 2 and "could not measure momentum_weighs, default_momentum" in failures[1]
+    honest = report.check_row("fake/honest", TORCH_LIKE, measure()[0])
+    assert report.row_failures(honest) == [] and "✗" not in report.cell(honest["check"]["gamma"])

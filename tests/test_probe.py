@@ -226,6 +226,7 @@ BAD = {
     "negative seed": (["torch:torch.nn.BatchNorm2d", "--seed", "-1"], "--seed"),
     "missing interpreter": (["torch:torch.nn.BatchNorm2d", "--python", "/no/such/python"], "does not exist"),
     "no layer": ([], "the following arguments are required"),
+    "zero timeout": (["torch:torch.nn.BatchNorm2d", "--timeout", "0"], "--timeout"),
     # these two start the framework's process, which refuses them
     "unimportable (in the child)": (["torch:no_such_package.layers.BN"], "no importable module"),
     "not batch norm (in the child)": (["torch:torch.nn.Linear(in_features=3, out_features=3)"],
@@ -248,6 +249,19 @@ def test_an_unavailable_framework_exits_1_with_the_reason(tmp_path):
     proc = _cli("torch:torch.nn.BatchNorm2d", env={"PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "unavailable" in proc.stderr and "libtorch_cpu.so" in proc.stderr
+
+
+@pytest.mark.parametrize("body, message", [
+    ("exec sleep 60", "no result within 2 s; the child process was killed"),
+    ("echo 'Segmentation fault' >&2; exit 139", "child exited with code 139"),
+])
+def test_a_hanging_or_crashing_framework_process_exits_1_in_one_line(tmp_path, body, message):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n" + body + "\n")
+    fake.chmod(0o755)
+    proc = _cli("torch:torch.nn.BatchNorm2d", "--python", str(fake), "--timeout", "2", timeout=30)
+    lines = [line for line in proc.stderr.strip().splitlines() if "probing" not in line]
+    assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
 
 
 def test_help_of_compare_names_the_subcommand_and_probe_help_lists_the_exit_codes():
