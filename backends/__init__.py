@@ -7,7 +7,7 @@ and never breaks the others.
 
 Every backend (`backends.<name>`, NumPy in, NumPy out) has the same modules: `bn.py` (the
 textbook formulation of its source, the from-scratch kernels, the `BatchNorm` layer, `make_layer`,
-`bn_step`, `conventions`, `probe`), `lenet.py` (LeNet-BN, `lenet_train`, `lenet_eval`),
+`bn_step`, `conventions`), `probe.py` (the conventions experiment's adapter), `lenet.py` (LeNet-BN, `lenet_train`, `lenet_eval`),
 `device.py` (device selection) and `train.py` (`fit`, `speed_timer`, `speed`). What a backend
 exports, with every signature and its meaning, is written once, as code, in `backends/contract.py`
 (`contract.check(module)` lists where a module departs from it).

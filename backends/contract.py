@@ -76,14 +76,21 @@ class Backend(Protocol):
         """{impl: {field: value for field in common.spec.CONVENTION_FIELDS}, plus "notes"}. For
         "native", defaults read from the installed framework, not hard-coded."""
 
-    def probe(self, impl, x, *, momentum=None, eps=None) -> dict:
-        """Evidence for conventions(): a fresh layer of `impl` built with its OWN defaults
-        (momentum and eps overridden only when given, in the impl's own meaning) runs one
-        training step on `x` (N×C×H×W float64 NumPy; converted to the impl's layout inside) with
-        upstream gradient ones. Returns {"momentum": used, "eps": used, "initial": stats,
-        "after_forward": stats, "after_backward": stats, "y": output in NCHW}, stats =
-        {"running_mean", "running_var"}. `common.conventions.infer` turns this into the
-        convention fields, so the conventions table is an experiment, not a claim."""
+    # --- probe.py ---------------------------------------------------------------------------
+
+    def observe(self, impl, *, seed=0) -> dict:
+        """Evidence for conventions(): `common.conventions.experiment` on fresh layers of `impl`
+        built with their own defaults, through the backend's adapter (`probe.Adapter`, the
+        protocol in common/conventions.py: float64, the framework's own training/inference
+        switch, statistics read after forward and after backward, several steps). Returns
+        {"family", "built", "claimed", "observations"}; `common.conventions.measure(
+        observations)` turns the record into the convention fields, so the conventions table is
+        an experiment, not a claim."""
+
+    def experiment(self, factory, args=(), kwargs=None, *, name, seed=0) -> dict:
+        """`observe` for any layer class or factory of this framework (behind `compare.py
+        probe`): layers built by `factory(*args, **kwargs)`. What cannot be probed raises
+        `common.conventions.ProbeInputError` (one line)."""
 
     # --- lenet.py ---------------------------------------------------------------------------
 

@@ -36,27 +36,117 @@ IMPL_CONVENTIONS = {
     "jax": {"scratch": "jax-source", "native": "flax-native"},
 }
 
-# The two seed sources, as they are written (a row each in the conventions table).
-SOURCES = {
+# Fields every backend's conventions() reports for each impl (claims), and the experiment in
+# common/conventions.py measures, so the table has one shape. Their values:
+#   momentum_weighs     OLD or NEW (what the layer's `momentum` argument weighs)
+#   default_momentum    the momentum the layer is built with (its own meaning)
+#   default_eps         the eps it is built with
+#   running_var         "biased" or "unbiased": the batch variance fed to the running variance
+#   stats_update        "forward", "backward", "returned by apply" (functional APIs: the new
+#                       statistics come back from the call; the caller's variables are untouched)
+#                       or "never"
+#   layout              "NCHW" (channel axis 1) or "NHWC" (channel axis last)
+#   initial_running_var the running variance before any step
+#   running_stats       "EMA" (constant decay), "cumulative average" or "none" (eval uses batch
+#                       statistics)
+#   gamma               "learnable", "fixed to 1" (a set gamma is ignored) or "absent"
+#   momentum_dtype      the precision the momentum is applied in: "float64" or "float32"
+CONVENTION_FIELDS = (
+    "momentum_weighs", "default_momentum", "default_eps", "running_var", "stats_update",
+    "layout", "initial_running_var", "running_stats", "gamma", "momentum_dtype",
+)
+
+# What each family of layers is documented to do: the claims the experiment checks. A
+# constructor's own signature defaults (read with `inspect`) and the arguments a layer was built
+# with override these (ARGUMENTS, MEANINGS below); nothing here is read back from a layer.
+DOCUMENTED = {
+    "torch-native": dict(
+        momentum_weighs=NEW, running_var="unbiased", stats_update="forward", layout="NCHW",
+        initial_running_var=1.0, running_stats="EMA", gamma="learnable", momentum_dtype="float64",
+        source="torch/nn/modules/batchnorm.py (_NormBase.reset_running_stats fills running_var "
+               "with ones; _BatchNorm.forward: momentum=None is a cumulative average, "
+               "track_running_stats=False keeps no statistics); aten/src/ATen/native/"
+               "Normalization.cpp (running = (1-m)*running + m*batch, unbiased batch variance, in "
+               "the forward pass)"),
     "torch-source": dict(
         formula="moving = m*moving + (1-m)*batch", momentum_weighs=OLD, default_momentum=0.9,
         default_eps=1e-5, running_var="biased", stats_update="forward", layout="NCHW",
-        initial_running_var=1.0, mode="torch.is_grad_enabled()",
-    ),
+        initial_running_var=1.0, running_stats="EMA", gamma="learnable", momentum_dtype="float64",
+        mode="torch.is_grad_enabled()",
+        source="the seeds' d2l PyTorch notebook (../shared/docs/CONVENTIONS.md)"),
     "mxnet-source": dict(
         formula="moving = (1-m)*moving + m*batch", momentum_weighs=NEW, default_momentum=0.9,
         default_eps=1e-5, running_var="biased", stats_update="forward", layout="NCHW",
-        initial_running_var=0.0, mode="autograd.is_training()",
-    ),
+        initial_running_var=0.0, running_stats="EMA", gamma="learnable", momentum_dtype="float64",
+        mode="autograd.is_training()",
+        source="the seeds' d2l MXNet notebook: moving_var = zeros (../shared/docs/CONVENTIONS.md)"),
+    "mxnet-native": dict(
+        momentum_weighs=OLD, running_var="biased", stats_update="backward", layout="NCHW",
+        initial_running_var=1.0, running_stats="EMA", gamma="learnable", momentum_dtype="float32",
+        source="mxnet 1.9.1 python/mxnet/gluon/nn/basic_layers.py (BatchNorm); "
+               "src/operator/nn/batch_norm.cc (BatchNormBackwardImpl updates the running averages "
+               "on CPU with the biased variance; momentum is a float operator parameter); "
+               "apache/mxnet issues 14357, 18751"),
+    "jax-source": dict(
+        formula="moving = m*moving + (1-m)*batch", momentum_weighs=OLD, default_momentum=0.9,
+        default_eps=1e-5, running_var="biased", stats_update="returned by apply", layout="NHWC",
+        initial_running_var=1.0, running_stats="EMA", gamma="learnable", momentum_dtype="float64",
+        source="d2l JAX tab (chapter_convolutional-modern/batch-norm.md): channels last, "
+               "state in the batch_stats collection"),
+    "flax-native": dict(
+        momentum_weighs=OLD, running_var="biased", stats_update="returned by apply",
+        initial_running_var=1.0, running_stats="EMA", gamma="learnable", momentum_dtype="float64",
+        source="flax/linen/normalization.py (BatchNorm: ra = momentum*ra + (1-momentum)*batch in "
+               "the batch_stats collection, var initialised with ones; _compute_stats: biased)"),
+}
+# The two seed sources, as they are written (a row each in the conventions table).
+SOURCES = {name: DOCUMENTED[name] for name in ("torch-source", "mxnet-source")}
+
+# Constructor arguments whose value IS a field's claim, per family ("*": any layer).
+ARGUMENTS = {
+    "*": {"momentum": "default_momentum", "eps": "default_eps", "epsilon": "default_eps"},
+    "mxnet-source": {"initial_running_var": "initial_running_var"},
+}
+# Documented meanings of particular argument values: (family, argument) -> {value: claims}; the
+# key ... covers every other value (None: the value says nothing about these fields).
+_NCHW, _NHWC = {"layout": "NCHW"}, {"layout": "NHWC"}
+MEANINGS = {
+    ("torch-native", "momentum"): {None: {"running_stats": "cumulative average"}},
+    ("torch-native", "track_running_stats"): {False: {
+        "running_stats": "none", "stats_update": None, "running_var": None,
+        "initial_running_var": None, "default_momentum": None}},
+    ("torch-native", "affine"): {False: {"gamma": "absent"}},
+    ("mxnet-native", "axis"): {1: _NCHW, -1: _NHWC, 3: _NHWC, ...: {"layout": None}},
+    ("mxnet-native", "running_variance_initializer"): {
+        "ones": {"initial_running_var": 1.0}, "zeros": {"initial_running_var": 0.0},
+        ...: {"initial_running_var": None}},
+    ("mxnet-native", "scale"): {False: {"gamma": "fixed to 1"}},  # fix_gamma=True in the operator
+    ("flax-native", "axis"): {-1: _NHWC, 3: _NHWC, 1: _NCHW, ...: {"layout": None}},
+    ("flax-native", "use_scale"): {False: {"gamma": "absent"}},
 }
 
-# Fields every backend's conventions() reports for each impl, so the table has one shape.
-CONVENTION_FIELDS = (
-    "momentum_weighs", "default_momentum", "default_eps", "running_var", "stats_update",
-    "layout", "initial_running_var",
-)
-# Optional field: the precision the layer applies its momentum in ("float64" when absent). MXNet's
-# native operator takes momentum as a float32, which float64 running statistics can see.
+
+def claims(family: str | None, arguments: dict) -> dict:
+    """The claimed convention fields of a layer of `family` (a DOCUMENTED key, or None for an
+    unknown layer) built with `arguments` (its constructor's signature defaults, overridden by
+    what it was given): the documented facts, then what the arguments state. A field nobody
+    claims is None."""
+    out = {f: None for f in CONVENTION_FIELDS}
+    out.update({f: v for f, v in DOCUMENTED.get(family, {}).items() if f in CONVENTION_FIELDS})
+    stated = {**ARGUMENTS["*"], **ARGUMENTS.get(family, {})}
+    for arg, value in arguments.items():
+        if arg in stated:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            out[stated[arg]] = float(value) if number else value
+        meanings = MEANINGS.get((family, arg))
+        if meanings is None:
+            continue
+        try:
+            effect = meanings[value] if value in meanings else meanings.get(...)
+        except TypeError:  # an unhashable value (e.g. an initializer object)
+            effect = meanings.get(...)
+        out.update(effect or {})
+    return out
 
 
 class UnsupportedSetting(ValueError):

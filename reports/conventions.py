@@ -1,31 +1,72 @@
 """conventions: what each impl's momentum weighs, its defaults, running-variance estimator, when
-its statistics update and its layout, as claimed by the framework and as measured by an
-experiment; plus the sources' momentum translation worked through on real steps."""
+its statistics update, its layout, initial running variance, kind of running statistics, gamma
+and the precision of its momentum: claimed by the framework (signature defaults and documented
+facts) and measured by an experiment of several training steps (`common.conventions`); plus the
+sources' momentum translation worked through on real steps. The same experiment serves
+`compare.py probe` (reports/probe.py) on any layer."""
 from __future__ import annotations
+
+import importlib
 
 import numpy as np
 
 from common import conventions as conv
 from common import spec
-from common.conventions import probe_input
 from common.reference import error
 from reports import Section, render, within, worst
 
 SUMMARY = ("what each framework's momentum weighs, default momentum/eps, running-variance "
-           "estimator, when statistics update, layout: read from the installed frameworks and "
-           "checked by an experiment")
+           "estimator, when statistics update, layout, kind of running statistics, gamma, "
+           "momentum precision: claimed by the installed frameworks and measured by an experiment")
 NEEDS_DATA = False
-FIELDS = ("momentum_weighs", "default_momentum", "default_eps", "running_var", "stats_update",
-          "layout", "initial_running_var")
+FIELDS = spec.CONVENTION_FIELDS
 TRANSLATION_STEPS = 5
 
 
 # -- child side --------------------------------------------------------------------------------
 def task_probe(b, args):
+    """The experiment on every impl of the backend (each built with its own defaults)."""
     from reports.child import per_impl
 
-    x = probe_input()
-    return per_impl(b.IMPLS, lambda impl: {"x": x, "result": b.probe(impl, x)})
+    return per_impl(b.IMPLS, lambda impl: b.observe(impl, seed=args.get("seed", 0)))
+
+
+def resolve(path: str):
+    """The object at 'package.module.Name' or 'package.module:Name.attr'; ProbeInputError (one
+    line) when it does not import."""
+    module_name, sep, attrs = path.partition(":")
+    parts = module_name.split(".")
+    candidates = [(module_name, attrs.split("."))] if sep else [
+        (".".join(parts[:i]), parts[i:]) for i in range(len(parts) - 1, 0, -1)]
+    for name, rest in candidates:
+        try:
+            obj = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+                continue  # this prefix is not a module: try a shorter one
+            raise conv.ProbeInputError(f"importing {name} failed: ModuleNotFoundError: {e}") from None
+        except Exception as e:
+            raise conv.ProbeInputError(f"importing {name} failed: {type(e).__name__}: "
+                                       f"{' '.join(str(e).split())[:200]}") from None
+        for i, attr in enumerate(rest):
+            if not hasattr(obj, attr):
+                owner = ".".join([name, *rest[:i]])
+                raise conv.ProbeInputError(f"{path}: {owner} has no attribute {attr!r}")
+            obj = getattr(obj, attr)
+        return obj
+    raise conv.ProbeInputError(f"{path}: no importable module in that path")
+
+
+def task_layer(b, args):
+    """compare.py probe: the experiment on the layer named by args["layer"]
+    ('FRAMEWORK:IMPORT.PATH[(ARGS)]'); what cannot be probed comes back as {"bad_input": line}."""
+    try:
+        target = conv.parse_layer(args["layer"])
+        factory = resolve(target["path"])
+        return b.experiment(factory, tuple(target["args"]), target["kwargs"], name=target["path"],
+                            seed=args.get("seed", 0))
+    except (conv.ProbeInputError, ValueError) as e:
+        return {"bad_input": " ".join(str(e).split())}
 
 
 def task_sequence(b, args):
@@ -44,16 +85,29 @@ def task_sequence(b, args):
     return out
 
 
-TASKS = {"probe": task_probe, "sequence": task_sequence}
+TASKS = {"probe": task_probe, "layer": task_layer, "sequence": task_sequence}
 
 
 # -- parent side -------------------------------------------------------------------------------
-def check_probe(row: str, claimed: dict, probe_result: dict, x) -> dict:
-    """One table row from a probe: the claims, the measurement, and field-by-field agreement."""
-    measured = conv.infer(probe_result, x)
-    check = conv.check(claimed, measured, probe_result)
+def check_row(row: str, claimed: dict, observations: dict) -> dict:
+    """One table row: the claims, the measurement, and field by field whether they agree."""
+    measured = conv.measure(observations)
     return {"row": row, "claimed": claimed, "measured": measured,
-            "check": {f: {"claimed": c, "measured": m, "agrees": ok} for f, (c, m, ok) in check.items()}}
+            "check": conv.compare(claimed, measured)}
+
+
+def row_failures(row: dict) -> list[str]:
+    """A claim the experiment contradicts, or a claimed field it could not measure."""
+    wrong = [f for f, c in row["check"].items() if c["agrees"] is False]
+    unmeasured = [f for f, c in row["check"].items()
+                  if c["claimed"] is not None and c["measured"] is None]
+    out = []
+    if wrong:
+        out.append(f"{row['row']} claims differ from the experiment: {', '.join(wrong)}")
+    if unmeasured:
+        out.append(f"{row['row']}: the experiment could not measure {', '.join(unmeasured)} "
+                   f"({'; '.join(row['measured']['problems']) or 'no reason given'})")
+    return out
 
 
 def source_rows(rows: list[dict]) -> list[dict]:
@@ -61,12 +115,11 @@ def source_rows(rows: list[dict]) -> list[dict]:
     out = []
     for source, backend in (("torch-source", "torch"), ("mxnet-source", "mxnet")):
         scratch = next((r for r in rows if r["row"] == f"{backend}/scratch" and "check" in r), None)
-        claimed = spec.SOURCES[source]
+        claimed = spec.claims(source, {})
         entry = {"row": source, "claimed": claimed, "checked_by": f"{backend}/scratch" if scratch else None}
         if scratch:
-            entry["check"] = {f: {"claimed": claimed[f], "measured": scratch["measured"].get(f),
-                                  "agrees": claimed[f] == scratch["measured"].get(f)}
-                              for f in ("momentum_weighs", "running_var", "stats_update")}
+            entry["measured"] = scratch["measured"]
+            entry["check"] = conv.compare(claimed, scratch["measured"])
         out.append(entry)
     return out
 
@@ -122,8 +175,8 @@ def worked_translation(s) -> tuple[dict, list[str]]:
 def run(s) -> Section:
     rows, failures = [], []
     for name in s.live():
-        s.log(f"[{name}] conventions: probing every impl")
-        r = s.call(name, "conventions.probe", {})
+        s.log(f"[{name}] conventions: the experiment on every impl")
+        r = s.call(name, "conventions.probe", {"seed": s.args.seed})
         if "result" not in r:
             rows.append({"row": name, "error": r.get("failed") or r.get("unavailable")})
             continue
@@ -131,45 +184,69 @@ def run(s) -> Section:
             claimed = s.info(name)["conventions"].get(impl, {})
             if "error" in pr:
                 rows.append({"row": f"{name}/{impl}", "claimed": claimed, "error": pr["error"]})
-                failures.append(f"{name}/{impl} probe failed: {pr['error'][:160]}")
+                failures.append(f"{name}/{impl} experiment failed: {pr['error'][:160]}")
                 continue
-            row = check_probe(f"{name}/{impl}", claimed, pr["result"], pr["x"])
+            row = check_row(f"{name}/{impl}", claimed, pr["observations"])
             rows.append(row)
-            bad = [f for f, c in row["check"].items() if not c["agrees"]]
-            if bad:
-                failures.append(f"{name}/{impl} claims differ from the experiment: {', '.join(bad)}")
-    rows += source_rows(rows)
-    failures += [f"{r['row']} differs from its scratch impl" for r in rows
-                 if r["row"].endswith("-source") and "check" in r
-                 and not all(c["agrees"] for c in r["check"].values())]
+            failures += row_failures(row)
+    sources = source_rows(rows)
+    rows += sources
+    failures += [f"{r['row']} differs from its scratch impl" for r in sources
+                 if "check" in r and any(c["agrees"] is False for c in r["check"].values())]
     translation, t_failures = worked_translation(s)
     return Section({"rows": rows, "translation": translation},
                    markdown(rows, translation, s.missing_rows), failures + t_failures)
 
 
+def fmt_value(v) -> str:
+    """A claimed or measured value: lists element-wise; measured floats with enough digits to
+    show why they differ from a claim."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(fmt_value(x) for x in v) + "]"
+    if isinstance(v, float) and abs(v) < 1e-12:
+        return "0"
+    if isinstance(v, float) and v == v and 1e-3 <= abs(v) < 1e5:
+        return f"{v:.10g}" if abs(v - round(v, 3)) > 1e-12 else render.fmt(v)
+    return render.fmt(v)
+
+
+def cell(check: dict) -> str:
+    """"claimed ✓", "claimed ✗ (measured X)", "claimed (measured X)" without a mark where the
+    two cannot be compared ("—" where nothing was claimed), the bare claim where the experiment
+    could not measure the field."""
+    c, m, ok = check["claimed"], check["measured"], check["agrees"]
+    if ok is True:
+        return f"{render.fmt(c)} {render.PASS}"
+    if ok is False:
+        return f"{render.fmt(c)} {render.FAIL} (measured {fmt_value(m)})"
+    if m is not None:  # nothing claimed, or a value the claim cannot be compared with
+        return f"{render.fmt(c)} (measured {fmt_value(m)})"
+    return render.fmt(c)
+
+
 def markdown(rows, translation, missing_rows) -> str:
     lines = ["## Conventions", "",
-             "Native rows are read from the installed frameworks; every checkable claim is measured in "
-             f"this run by one training step of a fresh layer ({render.PASS}: the experiment agrees, "
-             f"{render.FAIL}: it does not, with the measured value). Source rows are checked through the "
-             "from-scratch impl that follows them.", ""]
+             "Claims come from the installed frameworks (constructor signature defaults read with "
+             "`inspect`) and the documented facts in `common/spec.py`; every claim is then measured "
+             "by an experiment of several training steps on fresh layers (`common/conventions.py`; "
+             f"{render.PASS}: the experiment agrees, {render.FAIL}: it does not, with the measured "
+             "value; no mark: not measurable). Source rows are checked through the from-scratch "
+             "impl that follows them.", ""]
     table = []
     for r in rows:
-        if "error" in r and "claimed" not in r:
+        if "error" in r:
             table.append([r["row"], "error: " + r["error"]] + [""] * (len(FIELDS) - 1))
             continue
-        cells = []
-        for f in FIELDS:
-            v = render.fmt(r["claimed"].get(f))
-            chk = (r.get("check") or {}).get(f)
-            if chk is not None:
-                v += f" {render.PASS}" if chk["agrees"] else f" {render.FAIL} (measured {render.fmt(chk['measured'])})"
-            cells.append(v)
-        table.append([r["row"], *cells])
+        if "check" not in r:
+            table.append([r["row"], *(render.fmt(r["claimed"].get(f)) for f in FIELDS)])
+            continue
+        table.append([r["row"], *(cell(r["check"][f]) for f in FIELDS)])
     table += missing_rows(len(FIELDS) + 1)
     lines.append(render.md_table(["impl", *FIELDS], table))
     notes = [f"- **{r['row']}**: {r['claimed']['notes']}" for r in rows
              if isinstance(r.get("claimed"), dict) and r["claimed"].get("notes")]
+    notes += [f"- **{r['row']}** (measured): {'; '.join(r['measured']['problems'])}" for r in rows
+              if isinstance(r.get("measured"), dict) and r["measured"].get("problems")]
     if notes:
         lines += ["", *notes]
     t = translation

@@ -11,11 +11,12 @@ from typing import Protocol
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 import backends
 from backends import contract
 from common import conventions as conv
-from common import data, lenet
+from common import data, lenet, testing
 from common.spec import CONVENTION_FIELDS, effective_decay
 from common.reference import RESULT_KEYS, bn_step as reference_step, error, random_case, within_tolerance
 from conftest import load_backend, backend_impls
@@ -75,10 +76,12 @@ WRONG = {
     "wrong default": ("bn_step", _bn_step,
                       ["bn_step: parameter 'eps' has default 0.001, the contract's has default "
                        "1e-05"]),
-    "wrong order": ("probe", lambda x, impl, *, momentum=None, eps=None: None,
-                    ["probe: parameter order (x, impl, momentum, eps), the contract's is (impl, x, "
-                     "momentum, eps)"]),
-    "wrong kind": ("lenet_eval", lambda params, x, impl, *, dtype="float64", device="cpu": None,
+    "wrong order": ("experiment", lambda args, factory, kwargs=None, *, name, seed=0: None,
+                    ["experiment: parameter order (args, factory, kwargs, name, seed), the "
+                     "contract's is (factory, args, kwargs, name, seed)",
+                     "experiment: parameter 'args' has no default, the contract's has default ()"]),
+    "wrong kind": ("lenet_eval", lambda params, x, impl, *, dtype="float64", device="cpu", eps=1e-5,
+                   fix_gamma=False: None,
                    ["lenet_eval: parameter 'impl' is positional or keyword, the contract's is "
                     "keyword-only"]),
     "renamed": ("lenet_train", lambda params, batches, *, lr, impl, eps=1e-5, momentum=0.9,
@@ -129,24 +132,24 @@ def test_check_reports_each_departure_from_the_contract(lie):
 class Extended(contract.Backend, Protocol):
     """The contract as a parallel branch extends it: one required stub, one optional."""
 
-    def lenet_layers(self, params, x, *, impl, dtype="float64") -> dict:
-        """Named activations of LeNet-BN."""
+    def lenet_gradients(self, params, x, *, impl, dtype="float64") -> dict:
+        """Named gradients of LeNet-BN."""
 
     @contract.optional
-    def save_checkpoint(self, params, path, *, impl, bn_config) -> None:
+    def export_onnx(self, params, path, *, impl, bn_config) -> None:
         """Only some backends have it yet."""
 
 
 def test_an_extension_is_one_stub_and_optional_members_are_checked_only_when_present():
     fake = conforming_fake()
-    assert contract.check(fake, Extended) == ["lenet_layers: missing"]
-    assert contract.check(conforming_fake(Extended), Extended) == []  # save_checkpoint absent
-    assert contract.names(Extended)[-2:] == ["lenet_layers", "save_checkpoint"]
-    assert "save_checkpoint" not in contract.names(Extended, include_optional=False)
+    assert contract.check(fake, Extended) == ["lenet_gradients: missing"]
+    assert contract.check(conforming_fake(Extended), Extended) == []  # export_onnx absent
+    assert contract.names(Extended)[-2:] == ["lenet_gradients", "export_onnx"]
+    assert "export_onnx" not in contract.names(Extended, include_optional=False)
     fake = conforming_fake(Extended)
-    fake.save_checkpoint = lambda params, path, *, impl: None
-    assert contract.check(fake, Extended) == ["save_checkpoint: missing parameter(s) bn_config"]
-    fake.save_checkpoint = lambda params, path, *, impl, bn_config, compress=False: None
+    fake.export_onnx = lambda params, path, *, impl: None
+    assert contract.check(fake, Extended) == ["export_onnx: missing parameter(s) bn_config"]
+    fake.export_onnx = lambda params, path, *, impl, bn_config, compress=False: None
     assert contract.check(fake, Extended) == []
 
 
@@ -211,6 +214,26 @@ def test_bn_step_matches_reference(name, impl, shape, dtype, decay, eps, trainin
 
 
 @pytest.mark.parametrize("name, impl", CASES)
+def test_every_impl_passes_the_users_helper_on_drawn_cases(name, impl):
+    """common.testing's strategy and helper, as a user would run them, on every impl: drawn
+    shapes (batches of two, constant channels, large offsets, eps near the variance) in both
+    dtypes, training and inference, at a decay exact in float32 (MXNet's native momentum) and
+    the impl's own running-variance estimator."""
+    backend = load_backend(name)
+    claims = {"decay": 0.75, "unbiased": backend.conventions()[impl]["running_var"] == "unbiased"}
+    examples = 4 if name == "jax" else 10  # JAX compiles every new shape anew (~1.5 s a case here)
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(testing.bn_cases())
+    def check(case):
+        testing.assert_matches_reference(lambda *a, **k: backend.bn_step(*a, impl=impl, **k),
+                                         conventions=claims, cases=[case])
+
+    check()
+
+
+@pytest.mark.parametrize("name, impl", CASES)
 def test_bad_input_raises_value_error(name, impl):
     backend = load_backend(name)
     case = random_case((4, 3, 2, 2), seed=0)
@@ -228,17 +251,21 @@ def test_bad_input_raises_value_error(name, impl):
 
 @pytest.mark.parametrize("name, impl", CASES)
 def test_claimed_conventions_hold_in_an_experiment(name, impl):
-    """conventions() says what the impl does; one observed training step must agree."""
+    """conventions() says what the impl does (from signatures and documented facts); the
+    several-step experiment on a fresh layer must measure every field and agree, and the layer
+    must then match the reference under what was measured."""
     backend = load_backend(name)
     claimed = backend.conventions()[impl]
     missing = set(CONVENTION_FIELDS) - set(claimed)
     assert not missing, f"conventions()[{impl!r}] lacks {missing}"
-    x = conv.probe_input()
-    result = backend.probe(impl, x)
-    measured = conv.infer(result, x)
-    rows = conv.check(claimed, measured, result)
-    wrong = {f: (c, m) for f, (c, m, ok) in rows.items() if not ok}
+    result = backend.observe(impl)
+    measured = conv.measure(result["observations"])
+    rows = conv.compare(claimed, measured)
+    wrong = {f: (r["claimed"], r["measured"]) for f, r in rows.items() if r["agrees"] is not True}
     assert not wrong, f"{name}/{impl}: claimed vs measured differ: {wrong}; {measured['problems']}"
+    assert result["claimed"] == {f: claimed[f] for f in CONVENTION_FIELDS}  # one claims path
+    agreement = conv.agreement(result["observations"], measured)
+    assert all(a["pass"] for a in agreement.values()), agreement
 
 
 def _lenet_batches(sample_dir, n_batches=3, batch_size=32):

@@ -9,7 +9,7 @@ import textwrap
 
 from conftest import REPO
 
-FRAMEWORKS = ("torch", "mxnet", "jax", "jaxlib", "flax", "optax")
+FRAMEWORKS = ("torch", "mxnet", "jax", "jaxlib", "flax", "optax", "hypothesis")
 
 
 def _run(code, *, path_prefix=None):
@@ -25,6 +25,7 @@ def test_common_and_registry_import_no_framework():
         import json, sys
         import common, common.spec, common.reference, common.lenet, common.data, common.conventions
         import common.lenet_reference, common.sync, common.convert, common.checkpoint, common.divergence
+        import common.testing
         import backends, backends.contract, backends.pool
         backends.names()
         backends.contract.names()
@@ -45,6 +46,22 @@ def test_compare_help_imports_no_framework():
             except SystemExit as e:
                 assert e.code == 0
         assert "agreement" in buf.getvalue() and "train" in buf.getvalue()
+        print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})))
+    """)
+    assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_probe_help_imports_no_framework():
+    out = _run(f"""
+        import json, sys, contextlib, io
+        import compare
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            try:
+                compare.main(["probe", "--help"])
+            except SystemExit as e:
+                assert e.code == 0
+        assert "FRAMEWORK:IMPORT.PATH" in buf.getvalue()
         print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})))
     """)
     assert json.loads(out.strip().splitlines()[-1]) == []

@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends import UnsupportedSetting, check_layer_config
+from common import spec
+from common.conventions import signature_arguments
 from common.convert import BN_NAMES, PARAM_FIELDS, STAT_FIELDS
 from common.reference import float_dtype as check_dtype, validate_inputs
-from common.spec import IMPL_CONVENTIONS, OLD, momentum_from_decay
+from common.spec import IMPL_CONVENTIONS, momentum_from_decay
 
 
 def textbook_batch_norm(X, deterministic, gamma, beta, moving_mean, moving_var, eps, momentum):
@@ -291,60 +293,29 @@ def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5
         return {k: np.ascontiguousarray(v, dtype=dtype) for k, v in out.items()}
 
 
+# The suite's impls as modules: (class, constructor arguments); probe.py's experiment builds
+# them, conventions() reads their signatures.
+LAYERS = {"scratch": (BatchNorm, {}), "native": (nn.BatchNorm, {})}
+
+
 def conventions() -> dict:
-    """{impl: convention fields}; native defaults read from a fresh flax.linen.BatchNorm."""
-    native = own_layer("native", fast_variance=None)
-    scratch = own_layer("scratch")
-    x = jnp.zeros((2, 1))
-    initial_var = {impl: float(np.asarray(stats_of(impl, layer.init(
-        jax.random.PRNGKey(0), x, use_running_average=False)["batch_stats"])["running_var"])[0])
-        for impl, layer in (("scratch", scratch), ("native", native))}
-    default_fast = getattr(native, "use_fast_variance", None)
-    return {
-        "scratch": dict(
-            momentum_weighs=OLD, default_momentum=float(scratch.momentum),
-            default_eps=float(scratch.epsilon), running_var="biased", stats_update="forward",
-            layout="NHWC", initial_running_var=initial_var["scratch"],
-            notes="d2l JAX source: moving = momentum*moving + (1-momentum)*batch, biased two-pass "
-                  "variance (unbiased=True gives the ÷(m-1) statistic), per-channel statistics "
-                  "over every axis but the last; stats update in the forward pass under "
-                  "mutable=['batch_stats'].",
-        ),
-        "native": dict(
-            momentum_weighs=OLD, default_momentum=float(native.momentum),
-            default_eps=float(native.epsilon), running_var="biased", stats_update="forward",
-            layout="NHWC",
-            initial_running_var=initial_var["native"],
-            notes=f"flax.linen.BatchNorm: ra = momentum*ra + (1-momentum)*batch; biased running "
+    """Claimed convention fields per impl: the family's documented facts and the module's
+    dataclass defaults read with `inspect` from the installed Flax; never read back from a built
+    module (the conventions report measures them)."""
+    default_fast = native_defaults()["use_fast_variance"]
+    notes = {
+        "scratch": "d2l JAX source: moving = momentum*moving + (1-momentum)*batch, biased two-pass "
+                   "variance (unbiased=True gives the ÷(m-1) statistic), per-channel statistics "
+                   "over every axis but the last; apply(..., mutable=['batch_stats']) returns the "
+                   "new statistics.",
+        "native": f"flax.linen.BatchNorm: ra = momentum*ra + (1-momentum)*batch; biased running "
                   f"variance only (a training step with unbiased=True raises UnsupportedSetting). "
-                  f"Its default "
-                  f"use_fast_variance={default_fast} computes E[x²]−E[x]² (clipped at 0), which "
-                  f"loses precision for inputs whose mean is large relative to their spread; "
-                  f"this backend's adapter (bn_step, LeNet-BN, fit) sets use_fast_variance=False "
-                  f"(two-pass, as the reference) where the option exists; probe() keeps "
-                  f"Flax's default.",
-        ),
+                  f"Its default use_fast_variance={default_fast} computes E[x²]−E[x]² (clipped at "
+                  f"0), which loses precision for inputs whose mean is large relative to their "
+                  f"spread; this backend's adapter (bn_step, LeNet-BN, fit) sets "
+                  f"use_fast_variance=False (two-pass, as the reference) where the option exists; "
+                  f"the conventions experiment keeps Flax's default.",
     }
-
-
-def probe(impl, x, *, momentum=None, eps=None) -> dict:
-    """The contract's probe: a fresh `impl` layer with its own defaults (two-pass variance for
-    native is NOT forced here: Flax's default is used) runs one training step on NCHW `x`."""
-    check_impl(impl)
-    x = np.asarray(x, dtype=np.float64)
-    layer = own_layer(impl, momentum=momentum, eps=eps, fast_variance=None)
-    with x64_mode(np.float64):
-        xl = jnp.asarray(_to_last(x))
-        variables = layer.init(jax.random.PRNGKey(0), xl, use_running_average=False)
-        variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
-        initial = {k: np.asarray(v, np.float64) for k, v in
-                   stats_of(impl, variables["batch_stats"]).items()}
-        y, _, _, _, after = layer_step(layer, impl, xl, variables, jnp.ones_like(xl),
-                                       training=True)
-        after = {k: np.asarray(v, np.float64) for k, v in after.items()}
-        # Flax updates batch_stats in the forward pass; the backward (vjp) leaves them alone.
-        return {"momentum": float(layer.momentum), "eps": float(layer.epsilon),
-                "initial": initial, "after_forward": after,
-                "after_backward": {k: v.copy() for k, v in after.items()},
-                "y": _to_first(np.asarray(y, np.float64))}
-
+    return {impl: dict(spec.claims(CONVENTION[impl], signature_arguments(cls, (), kwargs)),
+                       notes=notes[impl])
+            for impl, (cls, kwargs) in LAYERS.items()}

@@ -22,6 +22,7 @@ from mxnet.gluon import nn
 
 from backends import UnsupportedSetting, check_layer_config
 from common import spec
+from common.conventions import signature_arguments
 from common.reference import float_dtype, validate_inputs
 
 
@@ -317,77 +318,31 @@ def operator_defaults() -> dict:
     return {"fix_gamma": bool(fix_gamma), "eps": float(f"{eps:.6g}")}
 
 
+# The suite's impls as layers: (class, constructor arguments besides the channel count), and
+# the family of documented conventions each follows (common.spec.DOCUMENTED).
+LAYERS = {"scratch": (BatchNorm, {"num_dims": 4}), "native": (nn.BatchNorm, {})}
+
+
 def conventions() -> dict:
-    """{impl: convention fields}: scratch from a fresh `BatchNorm`, native from a fresh
-    `gluon.nn.BatchNorm` (defaults as installed); the update timing and variance are this CPU
-    build's (tests/test_mxnet.py checks them by experiment). `momentum_dtype` (beyond the
-    common fields): the precision the momentum is applied in; the native operator's float32
-    parameter cannot express most decays exactly in float64."""
-    scratch = BatchNorm(1, 4)
-    scratch.initialize()
-    native = nn.BatchNorm(in_channels=1)
-    native.initialize()
+    """Claimed convention fields per impl: the family's documented facts (CPU build: statistics
+    update in backward with the biased variance; momentum a float32 operator parameter) and the
+    constructor's signature defaults read with `inspect`; never read back from a built layer
+    (the conventions report measures them)."""
     op = operator_defaults()
-    return {
-        "scratch": dict(
-            momentum_weighs=spec.MOMENTUM_WEIGHS[CONVENTION["scratch"]],
-            default_momentum=scratch.momentum, default_eps=scratch.eps,
-            running_var="unbiased" if scratch.unbiased else "biased", stats_update="forward",
-            layout="NCHW", initial_running_var=float(scratch.running_var.data().asnumpy()[0]),
-            momentum_dtype="float64",
-            notes="the MXNet source's batch_norm: moving = (1-momentum)*moving + momentum*batch, "
-                  "so momentum=0.9 keeps 10% of the old value (canonical decay 0.1); moving_var "
-                  "starts at zeros (native: ones); mode from autograd.is_training(); one "
-                  "implementation for imperative and hybridized use (hybridized, the new "
-                  "statistics are graph outputs that the caller writes back)"),
-        "native": dict(
-            momentum_weighs=spec.MOMENTUM_WEIGHS[CONVENTION["native"]],
-            default_momentum=float(native._kwargs["momentum"]),
-            default_eps=float(native._kwargs["eps"]),
-            running_var="biased", stats_update="backward",
-            layout="NCHW" if native._kwargs["axis"] == 1 else f"axis {native._kwargs['axis']}",
-            initial_running_var=float(native.running_var.data().asnumpy()[0]),
-            momentum_dtype="float32",
-            notes="gluon.nn.BatchNorm: momentum weighs the OLD value; on CPU the running "
+    notes = {
+        "scratch": "the MXNet source's batch_norm: moving = (1-momentum)*moving + momentum*batch, "
+                   "so momentum=0.9 keeps 10% of the old value (canonical decay 0.1); moving_var "
+                   "starts at zeros (native: ones); mode from autograd.is_training(); one "
+                   "implementation for imperative and hybridized use (hybridized, the new "
+                   "statistics are graph outputs that the caller writes back)",
+        "native": "gluon.nn.BatchNorm: momentum weighs the OLD value; on CPU the running "
                   "statistics change in the BACKWARD pass (a forward alone, even under "
                   "autograd.record(), leaves them unchanged) with the biased variance; the "
                   "cuDNN GPU path updates in forward with the unbiased variance. momentum is a "
                   "float32 operator parameter (0.9 runs as 0.8999999762). The operator-level "
                   f"nd/sym.BatchNorm defaults to fix_gamma={op['fix_gamma']} (gamma ignored) "
-                  f"and eps={op['eps']:g}; Gluon passes fix_gamma=False and eps=1e-5"),
+                  f"and eps={op['eps']:g}; Gluon passes fix_gamma=False and eps=1e-5",
     }
-
-
-def probe(impl, x, *, momentum=None, eps=None) -> dict:
-    """A fresh `impl` layer with its own defaults runs one training step on NCHW float64 `x`
-    with upstream gradient ones; running statistics before, after forward, after backward."""
-    check_impl(impl)
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 4:
-        raise ValueError(f"probe takes N×C×H×W input, got shape {x.shape}")
-    kwargs = {}
-    if impl == "scratch":
-        if momentum is not None:
-            kwargs["momentum"] = momentum
-        if eps is not None:
-            kwargs["eps"] = eps
-        layer = BatchNorm(x.shape[1], 4, **kwargs)
-        used = layer.momentum, layer.eps
-    else:
-        if momentum is not None:
-            kwargs["momentum"] = momentum
-        if eps is not None:
-            kwargs["epsilon"] = eps
-        layer = native_layer(x.shape[1], **kwargs)
-        used = layer._kwargs["momentum"], layer._kwargs["eps"]
-    layer.initialize()
-    layer.cast("float64")
-    initial = _stats(layer)
-    X = mx.nd.array(x, dtype="float64")
-    with autograd.record():
-        y = layer(X)
-        y.wait_to_read()
-        after_forward = _stats(layer)
-    y.backward()
-    return {"momentum": float(used[0]), "eps": float(used[1]), "initial": initial,
-            "after_forward": after_forward, "after_backward": _stats(layer), "y": y.asnumpy()}
+    return {impl: dict(spec.claims(CONVENTION[impl], signature_arguments(cls, (), kwargs)),
+                       notes=notes[impl])
+            for impl, (cls, kwargs) in LAYERS.items()}

@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from backends import UnsupportedSetting, check_layer_config
 from common import spec
+from common.conventions import signature_arguments
 from common.reference import float_dtype, validate_inputs
 
 
@@ -313,64 +314,33 @@ def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5
     return {k: v.detach().numpy().astype(dt, copy=True) for k, v in out.items()}
 
 
+# The suite's impls as layers: (class, constructor arguments besides the channel count). The
+# conventions claims read their signatures; probe.py's experiment builds them.
+LAYERS = {"scratch": (BatchNorm, {}), "scratch-analytic": (BatchNorm, {"analytic": True}),
+          "native": (nn.BatchNorm2d, {})}
+
+
 def conventions() -> dict:
-    """The convention fields of `common.spec.CONVENTION_FIELDS` per impl, read from freshly built
-    layers (the installed torch for native)."""
+    """Claimed convention fields (`common.spec.CONVENTION_FIELDS`) per impl: the documented facts
+    of its family (`common.spec.DOCUMENTED`) and its constructor's signature defaults, read with
+    `inspect` from the installed torch; never read back from a built layer (the conventions
+    report measures them)."""
     out = {}
     for impl in IMPLS:
+        cls, kwargs = LAYERS[impl]
         if impl == "native":
-            layer = nn.BatchNorm2d(1)
             notes = ("nn.BatchNorm2d/1d: momentum weighs the new batch statistic; running_var is "
                      "always updated with the unbiased estimate while normalising with the biased "
                      "one (no biased option: bn_step raises UnsupportedSetting for "
                      "unbiased=False); CPU uses two-pass variance, CUDA Welford; mode from "
                      "module.training")
         else:
-            layer = BatchNorm(1, 4, analytic=impl == "scratch-analytic")
             notes = ("d2l PyTorch source formula moving = m*moving + (1-m)*batch; mode from "
                      "module.training (the source's torch.is_grad_enabled() test is kept as "
                      "mode='grad_enabled'); running stats are registered buffers; unbiased=True "
                      "option matches native")
             if impl == "scratch-analytic":
                 notes += "; closed-form backward via torch.autograd.Function"
-        out[impl] = dict(
-            momentum_weighs=spec.MOMENTUM_WEIGHS[CONVENTION[impl]],
-            default_momentum=float(layer.momentum),
-            default_eps=float(layer.eps),
-            running_var="unbiased" if impl == "native" else "biased",
-            stats_update="forward",
-            layout="NCHW",
-            initial_running_var=float(layer.running_var[0]),
-            notes=notes,
-        )
+        out[impl] = dict(spec.claims(CONVENTION[impl], signature_arguments(cls, (), kwargs)),
+                         notes=notes)
     return out
-
-
-def probe(impl, x, *, momentum=None, eps=None) -> dict:
-    """One training step of a fresh `impl` layer with its own defaults (momentum/eps overridden
-    only when given, in the impl's own meaning) on float64 `x`, upstream gradient ones."""
-    check_impl(impl)
-    xs = torch.tensor(np.asarray(x, dtype=np.float64))
-    _layout(xs.dim())
-    kw = {k: v for k, v in dict(momentum=momentum, eps=eps).items() if v is not None}
-    c = xs.shape[1]
-    if impl == "native":
-        layer = (nn.BatchNorm2d if xs.dim() == 4 else nn.BatchNorm1d)(c, dtype=torch.float64, **kw)
-    else:
-        layer = BatchNorm(c, xs.dim(), analytic=impl == "scratch-analytic", dtype=torch.float64,
-                          **kw)
-    layer.train()
-
-    def stats():
-        return {k: getattr(layer, k).detach().numpy().copy()
-                for k in ("running_mean", "running_var")}
-
-    initial = stats()
-    xs.requires_grad_(True)
-    with torch.enable_grad():
-        y = layer(xs)
-        after_forward = stats()
-        y.backward(torch.ones_like(y))
-    return dict(momentum=float(layer.momentum), eps=float(layer.eps), initial=initial,
-                after_forward=after_forward, after_backward=stats(),
-                y=y.detach().numpy().copy())
