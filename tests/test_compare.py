@@ -20,7 +20,7 @@ from common.spec import OLD
 from conftest import REPO, REQUIRED, load_backend
 
 
-def _compare(*argv, env=None, timeout=900):
+def _compare(*argv, env=None, timeout=1800):
     return subprocess.run([sys.executable, "compare.py", *map(str, argv)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
