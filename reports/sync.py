@@ -162,7 +162,7 @@ def settings(s) -> dict:
         if w > 1:
             kinds.append(("unequal", given.get(w) or unequal_sizes(n, w)))
         for kind, sizes in kinds:
-            _check_split(sizes, f"--shards {label(sizes)}" if w in given else f"--world-sizes {w}")
+            _check_split(sizes, f"--shards {label(given[w])}" if w in given else f"--world-sizes {w}")
             if kind == "equal" or sizes != kinds[0][1]:
                 splits.append({"world_size": w, "kind": kind, "sizes": sizes})
         try:
@@ -181,6 +181,7 @@ def settings(s) -> dict:
 
 
 def validate(s) -> None:
+    """Bad settings end the run before any backend starts: exit 2, one line."""
     from reports.session import UsageError
 
     try:
