@@ -310,10 +310,10 @@ def task_sync(b, args):
             out["steps"].append(_step(b, group, case))
         out["engine"]["steps_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        for run in args["runs"]:
-            say(f"sync: training on {run['world_size']} workers, "
-                f"{'sync' if run['sync'] else 'local'} batch norm, {label(run['sizes'])} ...")
-            out["train"].append(_train(b, group, run, args))
+        for spec in args["runs"]:
+            say(f"sync: training on {spec['world_size']} workers, "
+                f"{'sync' if spec['sync'] else 'local'} batch norm, {label(spec['sizes'])} ...")
+            out["train"].append(_train(b, group, spec, args))
         out["engine"]["training_s"] = time.perf_counter() - t
     except WorkerError as e:
         out["failure"] = str(e)
