@@ -75,7 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help="SGD learning rate, positive and finite (default: the seeds' 1.0)")
     p.add_argument("--steps", type=int, default=None,
-                   help="trajectory SGD steps (default 20; --quick: 5)")
+                   help="trajectory and sync training SGD steps (default 20; --quick: 5)")
+    sync = reports.load("sync")
+    p.add_argument("--world-sizes", default=sync.WORLD_SIZES, metavar="W[,W...]",
+                   help=f"sync: numbers of workers (default {sync.WORLD_SIZES}; at most "
+                        f"{sync.MAX_WORLD})")
+    p.add_argument("--shards", default="", metavar="A+B[+...][,...]",
+                   help="sync: rows per worker of the unequal step for the world size of its "
+                        "length, e.g. 40+16+8+0 (default: 48+16 on 2 workers, 40+16+8+0 on 4: "
+                        "the middle workers get n/4, n/8, ..., the last none); also the unequal "
+                        "training split when it adds up to the training batch")
+    p.add_argument("--sync-timeout", type=float, default=sync.DEFAULT_TIMEOUT, metavar="S",
+                   help="sync: a collective times out after S seconds, a worker's job after "
+                        f"{sync.JOB_FACTOR}×S; a worker that crashes or hangs ends its backend's "
+                        "part with a row saying which (default %(default)g)")
     p.add_argument("--python", action="append", default=[], metavar="NAME=INTERPRETER",
                    help="run backend NAME under another Python (e.g. mxnet=/opt/mx/bin/python, "
                         "since MXNet needs numpy<2); repeatable")

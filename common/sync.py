@@ -212,19 +212,25 @@ def reference_step(xs, gamma, beta, running_mean, running_var, dys, *, training,
     return {k: split(v, sizes) if k in SHARDED_KEYS else v for k, v in out.items()}
 
 
+def _joined(out, ref, k):
+    """`out[k]` and `ref[k]` as two arrays (y and dx: every shard concatenated), or None when
+    their shard counts or shapes differ."""
+    got, want = out[k], ref[k]
+    if k in SHARDED_KEYS:
+        if len(got) != len(want) or any(np.shape(g) != np.shape(w) for g, w in zip(got, want)):
+            return None
+        got, want = np.concatenate(got), np.concatenate(want)
+    return got, want
+
+
 def errors(out, ref) -> dict[str, float]:
     """{result key: relative error (common.reference.error) of `out` against `ref`}; y and dx
     are compared over all shards together, a shard count or shape mismatch is inf, a NaN
     anywhere is NaN."""
     result = {}
     for k in RESULT_KEYS:
-        got, want = out[k], ref[k]
-        if k in SHARDED_KEYS:
-            if len(got) != len(want) or any(np.shape(g) != np.shape(w) for g, w in zip(got, want)):
-                result[k] = float("inf")
-                continue
-            got, want = np.concatenate(got), np.concatenate(want)
-        result[k] = error(got, want)[1]
+        pair = _joined(out, ref, k)
+        result[k] = float("inf") if pair is None else error(*pair)[1]
     return result
 
 
@@ -232,3 +238,59 @@ def within_tolerance(out, ref, dtype) -> bool:
     """Every key within TOLERANCE[dtype] (NaN-safe: a NaN error fails)."""
     tol = TOLERANCE[float_dtype(dtype).name]
     return all(err <= tol for err in errors(out, ref).values())
+
+
+def unweighted_reference_step(xs, gamma, beta, running_mean, running_var, dys, *, eps=1e-5,
+                              decay=0.9) -> dict:
+    """The float64 result of a training step under the convention of Flax's
+    `BatchNorm(axis_name=...)` and MXNet's contrib `SyncBatchNorm`: every worker's per-channel
+    moments averaged UNWEIGHTED (`lax.pmean`), so each worker counts 1/W whatever its rows
+    (google/flax#2417). That is batch norm with a weight w = 1/(W·m_i) on each value of worker
+    i's shard (m_i: its values per channel): mean = Σ w·x, var = Σ w·(x − mean)² (biased, also
+    for the running variance), dx = γ/σ · (dy − w·Σdy − w·x̂·Σdy·x̂). It equals `reference_step`
+    for equal shards. An empty shard's mean is 0/0: the statistics, and everything that
+    depends on them, are NaN, as in those frameworks. Same inputs and output layout as
+    `reference_step`, training mode only."""
+    x, dy, sizes = validate_shards(xs, gamma, beta, running_mean, running_var, dys,
+                                   training=True, eps=eps, decay=decay)
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    gamma, beta, running_mean, running_var = (np.asarray(a, np.float64) for a in (
+        gamma, beta, running_mean, running_var))
+    axes = reduce_axes(x.ndim)
+    per_row = x[0].size // x.shape[1] if len(x) else 1  # values per channel in one row
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    w = np.concatenate([np.full(n, 1.0 / (len(sizes) * max(n, 1) * per_row)) for n in sizes])
+    w = w.reshape((-1,) + (1,) * (x.ndim - 1))
+    if 0 in sizes:
+        mean = var = np.full(x.shape[1], np.nan)
+    else:
+        mean = (w * x).sum(axis=axes)
+        var = (w * (x - mean.reshape(shape)) ** 2).sum(axis=axes)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
+    sum_dy, sum_dy_xhat = dy.sum(axis=axes), (dy * xhat).sum(axis=axes)
+    dx = (gamma * inv_std).reshape(shape) * (dy - w * sum_dy.reshape(shape)
+                                             - w * xhat * sum_dy_xhat.reshape(shape))
+    out = dict(y=gamma.reshape(shape) * xhat + beta.reshape(shape), dx=dx, dgamma=sum_dy_xhat,
+               dbeta=sum_dy, running_mean=decay * running_mean + (1 - decay) * mean,
+               running_var=decay * running_var + (1 - decay) * var)
+    return {k: split(v, sizes) if k in SHARDED_KEYS else v for k, v in out.items()}
+
+
+def model_errors(out, model) -> dict[str, float]:
+    """`errors` of `out` against a convention's `model` that may predict non-finite values: a
+    key agrees where both are non-finite at the same places and the finite values are within
+    the error shown; non-finite values anywhere else make it NaN (a mismatch, never a pass)."""
+    result = {}
+    for k in RESULT_KEYS:
+        pair = _joined(out, model, k)
+        if pair is None or np.shape(pair[0]) != np.shape(pair[1]):
+            result[k] = float("inf")
+            continue
+        got, want = (np.asarray(a, np.float64) for a in pair)
+        predicted = ~np.isfinite(want)
+        if not np.array_equal(predicted, ~np.isfinite(got)):
+            result[k] = float("nan")
+            continue
+        result[k] = error(got[~predicted], want[~predicted])[1]
+    return result

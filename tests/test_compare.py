@@ -3,6 +3,7 @@ and missing backends, bad input refused up front, results merged and never lost.
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -36,7 +37,9 @@ def _script(tmp_path, name, body):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, sample_dir):
     out = tmp_path_factory.mktemp("results")
-    proc = _compare("--quick", "--data", sample_dir, "--out", out)
+    # a guard against a hang, not a speed limit: on 2 cores shared with other test runs (load
+    # 5-7) every report took 18 min (sync 2 of them, speed 10); unloaded it is a few minutes
+    proc = _compare("--quick", "--data", sample_dir, "--out", out, timeout=1800)
     return proc, out, json.loads((out / "results.json").read_text())
 
 
@@ -93,6 +96,48 @@ def test_quick_run_writes_every_report_and_passes(quick_run):
         assert min(r["runs"]) <= r["examples_per_s"] <= max(r["runs"]) and min(r["runs"]) > 0
     if sys.platform.startswith("linux"):  # the backend processes kept freed memory for reuse
         assert all(res["backends"][b]["allocator"].startswith("glibc malloc tuned") for b in live)
+    _check_sync(res["sync"], live, out)
+
+
+def _check_sync(sync, live, out):
+    """The quick sync report: every backend's engine on 1, 2, 4 workers; our engines equal the
+    full-batch reference on equal and unequal shards; the natives measured as they are; sync
+    training follows full-batch SGD, local training drifts."""
+    assert sync["config"]["world_sizes"] == [1, 2, 4]
+    for b in live:
+        engine = sync["engines"][b]
+        assert not engine["failure"] and engine["world_size"] == 4 and len(engine["devices"]) == 4, engine
+    splits = {(1, (64,)), (2, (32, 32)), (2, (48, 16)), (4, (16,) * 4), (4, (40, 16, 8, 0))}
+    ours = [r for r in sync["steps"] if r["impl"] != "native"]
+    assert {(r["backend"], r["world_size"], tuple(r["sizes"]), r["dtype"]) for r in ours} == {
+        (b, w, sizes, d) for b in live for w, sizes in splits for d in ("float64", "float32")}
+    assert all(r["status"] == "pass" for r in ours), [r for r in ours if r["status"] != "pass"]
+    assert max(r["worst"] for r in ours if r["dtype"] == "float64") <= 1e-12
+    native = {(r["backend"], r["dtype"], tuple(r["sizes"])): r for r in sync["steps"] if r["impl"] == "native"}
+    if "torch" in live and "gloo" in sync["engines"]["torch"]["engine"]:  # CPU: torch's own refusal
+        torch_rows = [r for k, r in native.items() if k[0] == "torch"]
+        assert torch_rows and all(r["status"] == "unavailable" and "expected input tensor to be on GPU"
+                                  in r["message"] for r in torch_rows)
+    if "jax" in live:  # Flax: exact on equal shards, the unweighted convention on unequal ones
+        assert native[("jax", "float64", (16,) * 4)]["status"] == "pass"
+        r = native[("jax", "float64", (48, 16))]
+        assert r["status"] == "convention" and r["worst"] > 1e-3 and r["model_worst"] <= 1e-12, r
+        assert native[("jax", "float64", (40, 16, 8, 0))]["worst"] == "nan"  # measured, not hidden
+    if "mxnet" in live:
+        assert native[("mxnet", "float64", (48, 16))]["status"] == "unsupported"
+        assert native[("mxnet", "float32", (16,) * 4)]["status"] == "pass"
+        assert native[("mxnet", "float32", (48, 16))]["status"] == "convention"
+    runs = sync["training"]
+    assert {(r["backend"], r["world_size"], r["sync"], r["kind"]) for r in runs} == {
+        (b, w, sync_, kind) for b in live for w, sync_, kind in
+        ((1, True, "equal"), (2, True, "equal"), (2, True, "unequal"), (2, False, "equal"),
+         (4, True, "equal"), (4, True, "unequal"), (4, False, "equal"))}
+    assert all(r["pass"] for r in runs), [r for r in runs if not r["pass"]]
+    assert max(max(r["max_loss_drift"], r["param_error"]) for r in runs if r["sync"]) <= 1e-10
+    assert min(r["max_loss_drift"] for r in runs if not r["sync"]) > 1e-4  # local BN drifts
+    timing = {(t["backend"], t["world_size"]): t for t in sync["timing"]}
+    assert all(timing[(b, w)]["sync_ms"] > 0 for b in live for w in (1, 2, 4))
+    assert (out / "sync_drift.png").stat().st_size > 10_000
 
 
 def test_help_lists_every_report_the_exit_codes_and_what_quick_changes():
@@ -176,6 +221,13 @@ BAD = {
     "bad --python": (["--python", "mxnet"], "NAME=INTERPRETER"),
     "missing data dir": (["--data", "/no/such/dir", "train"], "not a directory"),
     "unknown report": (["nonsense"], "invalid choice"),
+    "sync: world larger than the batch": (["sync", "--world-sizes", "1,16", "--batch-size", "8"],
+                                          "world size 16 is larger than batch 0 (8 rows)"),
+    "sync: every shard empty": (["sync", "--shards", "0+0"], "every shard is empty"),
+    "sync: world sizes": (["sync", "--world-sizes", "1,x"], "--world-sizes 1,x"),
+    "sync: shards for no world size": (["sync", "--shards", "40+16+8+0", "--world-sizes", "1,2"],
+                                       "is for 4 workers"),
+    "sync: timeout": (["sync", "--sync-timeout", "-1"], "--sync-timeout"),
 }
 
 
@@ -206,6 +258,44 @@ def test_corrupt_or_wrong_data_is_refused_up_front_naming_the_file(how, tmp_path
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "train-images-idx3-ubyte.gz" in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def _tagged(tag: str) -> list[int]:
+    """Live processes whose environment holds `tag`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if tag.encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("fault, match", [
+    ("crash", r"rank 1 died \(exit code 3\) during _fault_job"),
+    ("hang", r"rank 0 failed in _fault_job: .*[Tt]imed out.*rank\(s\) \[1\] had not answered")])
+def test_a_sync_worker_that_crashes_or_hangs_ends_its_backend_in_one_row(fault, match, tmp_path, sample_dir):
+    """BN_COMPARE_SYNC_FAULT makes rank 1 of torch's 2-process gloo engine die or hang while
+    rank 0 waits in an all-reduce (5 s collective timeout): the report ends in seconds with a
+    row naming the rank, exit status 1, and no process of the run is left."""
+    load_backend("torch")
+    tag = f"bn-compare-test-{os.getpid()}-{fault}-{time.time_ns()}"
+    t0 = time.perf_counter()
+    proc = _compare("sync", "--backends", "torch", "--quick", "--world-sizes", "1,2", "--sync-timeout", "5",
+                    "--no-plots", "--data", sample_dir, "--out", tmp_path,
+                    env={"BN_COMPARE_SYNC_FAULT": fault, "BN_COMPARE_TEST_TAG": tag}, timeout=300)
+    assert time.perf_counter() - t0 < 120
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    failure = res["sync"]["engines"]["torch"]["failure"]
+    assert re.search(match, failure) and "killed all 2 workers" in failure and "\n" not in failure, failure
+    assert res["sync"]["steps"] == [] and res["sync"]["training"] == []
+    assert any("sync engine failed" in f for f in res["reports"]["sync"]["failures"])
+    assert "ran 0/6 step cases, 0/4 training runs" in (tmp_path / "results.md").read_text()
+    assert _tagged(tag) == [], "processes of the run are still there"
 
 
 def test_no_data_offline_is_one_attempt_and_one_line(tmp_path):
