@@ -9,8 +9,10 @@ from reports.train import allocator_note
 
 SUMMARY = "training-step throughput of every backend × impl × device, scratch/native ratio"
 NEEDS_DATA = False
-STEPS = 50
+QUICK_STEPS, STEPS = 10, 50  # timed steps per run
 QUICK_REPEATS, REPEATS = 3, 5
+QUICK = (f"speed: {QUICK_REPEATS} timed runs of {QUICK_STEPS} steps per timer (else {REPEATS} of "
+         f"{STEPS})")
 
 NOISY_SPREAD = 0.25  # (max − min) / median of a row's timed runs above this: marked noisy
 SOURCE_PREFIX = "source-"  # timers of the sources' own training loop (backends' source.py)
@@ -103,7 +105,8 @@ def rows_of(runs: dict) -> tuple[list[dict], list[str]]:
 
 def run(s) -> Section:
     cfg = dict(device=s.args.device, batch_size=s.args.batch_size, dtype=s.args.dtype or "float32",
-               steps=STEPS, repeats=QUICK_REPEATS if s.quick else REPEATS)
+               steps=QUICK_STEPS if s.quick else STEPS,
+               repeats=QUICK_REPEATS if s.quick else REPEATS)
     runs = s.per_impl("speed.speed", cfg, f"speed on {cfg['device']}")
     rows, failures = rows_of(runs)
     table = []
