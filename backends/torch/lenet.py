@@ -152,8 +152,6 @@ def lenet_layers(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5, fi
                  inputs=None) -> dict:
     """Every layer's output ({name in `common.lenet.LAYERS`: NumPy array}) in inference mode; a
     layer named in `inputs` is fed that array instead of the previous layer's output."""
-    from .train import resolve_device
-
     dev, _ = resolve_device(device)
     tdt = torch_dtype(dtype)
     x = _images(x, tdt, dev)
