@@ -272,6 +272,17 @@ def test_a_failing_correct_port_fails_the_report_section(tmp_path):
     assert f"{render.FAIL} logits differ" in section.markdown and render.PASS in section.markdown
 
 
+def test_a_source_whose_training_diverged_fails_the_section(tmp_path):
+    src = {"torch": dict(_source(), acts=_acts(), losses=[2.0, NAN], path="", finetune={},
+                         checkpoint={"bn_config": {"eps": 1e-5, "decay": 0.9, "unbiased": True}}),
+           "jax": {"error": "RuntimeError: out of memory"}}
+    cfg = {"dtype": "float32", "limit_test": None, "epochs": 1, "batch_size": 8, "lr": 1.0,
+           "device": "cpu", "steps": 2}
+    section = port._section(_fake_session(tmp_path), cfg, src, {}, {}, [], ([], []), None)
+    assert section.failures == ["torch: training loss not finite (nan)",
+                                "jax: training or saving failed: RuntimeError: out of memory"]
+
+
 def test_port_refuses_an_out_whose_port_entry_is_a_file(tmp_path, sample_dir):
     (tmp_path / "port").write_text("not a directory")
     t0 = time.perf_counter()
