@@ -82,7 +82,8 @@ def test_quick_run_writes_every_report_and_passes(quick_run):
     assert all(r["test_acc"] > 0.4 and r["device"] for r in train.values())  # chance is 0.1
     assert (out / "training.png").stat().st_size > 10_000
     speed = res["speed"]
-    assert set(speed["runs"]) == {f"{b}/{i}" for b in live for i in res["backends"][b]["impls"]}
+    assert set(speed["runs"]) == {f"{b}/{i}" for b in live
+                                  for i in [*res["backends"][b]["impls"], "source-native", "source-scratch"]}
     for key, r in speed["runs"].items():
         assert "error" not in r, (key, r)
         assert len(r["runs"]) == speed["config"]["repeats"] and r["interleaved"], key
@@ -119,7 +120,7 @@ def _check_port(port, out, live):
         if want:  # it costs something on the trained model
             assert r["max_abs_logit_diff"] > 1e-3 and "flag" not in r
     layout = [r for r in mistakes if r["kind"] in ("no-flatten-permutation", "kernel-reshaped")]
-    assert all(r["argmax_agreement"] < 0.95 for r in layout)
+    assert all(r["max_abs_logit_diff"] > 0.1 for r in layout)
     assert {(t["from"], t["via"]) for t in port["round_trips"]} == pairs
     assert all(t["pass"] and t["weights_identical"] and t["sidecar_identical"] for t in port["round_trips"])
     tuned = {(r["from"], r["to"], r["kind"]): r for r in port["fine_tune"]}
