@@ -835,12 +835,12 @@ def markdown(payload, s, plot) -> str:
     tuned = payload["fine_tune"]
     if tuned:
         out += [f"**Fine-tuning after the port:** {cfg['steps']} more SGD steps on the same batches "
-                "in source and target (native layers, from the same checkpoint, float32 and "
-                f"float64). To tell the causes apart, {payload['chain_framework']}'s from-scratch "
-                "layer also runs the steps in float64 from the source's parameters, from the "
-                "source's settings to the target's, one convention changed at a time: each such "
-                "row is that one convention's effect, with no framework difference and no float32 "
-                "rounding in it.", "",
+                "in source and target (native layers, from the same checkpoint; a correct port in "
+                "float32 and float64, a copied momentum in float64). To tell the causes apart, "
+                f"{payload['chain_framework']}'s from-scratch layer also runs the steps in float64 "
+                "from the source's parameters, from the source's settings to the target's, one "
+                "convention changed at a time: each such row is that one convention's effect, with "
+                "no framework difference and no float32 rounding in it.", "",
                 _fine_tune_table(tuned, payload["chain_framework"]), "", "Why they drift apart:",
                 *why(tuned), ""]
     return "\n".join(out)

@@ -263,13 +263,22 @@ def test_a_failing_correct_port_fails_the_report_section(tmp_path):
                     src["jax"]["logits"], src["jax"]["logits64"])}}}
     cfg = {"dtype": "float32", "limit_test": None, "epochs": 1, "batch_size": 8, "lr": 1.0,
            "device": "cpu", "steps": 2}
+    chain = [("source", 0.9, True), ("variance estimator: unbiased -> biased", 0.9, False)]
+    base, other = _tuned(0), _tuned(0, shift=0.5)
+    tuned = [port.fine_tune_row("torch", "jax", "correct", chain,
+                                {(0.9, True): base, (0.9, False): other},
+                                {"float32": base, "float64": base}, {"float32": other, "float64": other})]
     section = port._section(_fake_session(tmp_path), cfg, src, ports, examined,
-                            [{"from": "torch", "via": "jax", "pass": True}], ([], []), "torch")
+                            [{"from": "torch", "via": "jax", "pass": True}], (tuned, []), "mxnet")
     assert len(section.failures) == 1, section.failures
     assert section.failures[0].startswith("torch->jax correct: logits differ")
     rows = {(r["from"], r["to"]): r for r in section.payload["rows"] if r["kind"] == "correct"}
     assert not rows["torch", "jax"]["pass"] and rows["jax", "torch"]["pass"]
     assert f"{render.FAIL} logits differ" in section.markdown and render.PASS in section.markdown
+    md = section.markdown
+    assert "mxnet's from-scratch layer also runs" in md and "| torch→jax correct | convention: " \
+        "variance estimator: unbiased -> biased | 0 | 0 | 0 | 0.5 | 1.0000 |  |" in md
+    assert "- **variance estimator** (measured alone, float64, one framework)" in md
 
 
 def test_a_source_whose_training_diverged_fails_the_section(tmp_path):
