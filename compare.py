@@ -3,6 +3,7 @@
     python compare.py                 # every report below, written to results/
     python compare.py agreement       # one report; see --help
     python compare.py probe torch:torch.nn.BatchNorm2d   # any layer's conventions, measured
+    python compare.py convert --from torch --to jax IN OUT   # a command; see convert --help
 
 Each backend's work runs in its own child process; this process imports no framework. The
 engine is the `reports` package; this file is only the command line.
@@ -13,9 +14,9 @@ import argparse
 import importlib
 import sys
 
-# Subcommands with their own arguments: NAME -> module providing build_parser(prog) and
-# main(argv) -> int. They are dispatched before the report parser sees the command line.
-SUBCOMMANDS = {"probe": "reports.probe"}
+# Commands with their own parser, dispatched before the report parser: name -> module providing
+# SUMMARY, build_parser(prog) and main(args) -> exit status.
+COMMANDS = {"probe": "reports.probe", "convert": "reports.convert"}
 
 EXIT_CODES = """exit status:
   0    every check of every report that ran passed
@@ -32,19 +33,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _first_line(module: str) -> str:
-    return (importlib.import_module(module).__doc__ or "").strip().split("\n")[0].split(": ", 1)[-1]
-
-
 def build_parser() -> argparse.ArgumentParser:
     import reports
 
     summaries = reports.summaries()
     quick = "; ".join(q for q in (getattr(reports.load(n), "QUICK", None) for n in reports.ORDER) if q)
     epilog = ("reports (run in this order when none is named):\n"
-              + "\n".join(f"  {k:<12} {v}" for k, v in summaries.items()) + "\n\n" + EXIT_CODES
-              + "\n\nsubcommands (see compare.py SUBCOMMAND --help):\n"
-              + "\n".join(f"  {name:<12} {_first_line(module)}" for name, module in SUBCOMMANDS.items())
+              + "\n".join(f"  {k:<12} {v}" for k, v in summaries.items()) + "\n\ncommands:\n"
+              + "\n".join(f"  {k:<12} {importlib.import_module(m).SUMMARY}" for k, m in COMMANDS.items())
+              + "\n\n" + EXIT_CODES
               + "\n\nResults: OUT/results.json and OUT/results.md (+ PNG plots). Running one report "
               "replaces only its own section of an existing results.json; the others are kept.")
     p = Parser(
@@ -102,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    if argv and argv[0] in COMMANDS:
+        command = importlib.import_module(COMMANDS[argv[0]])
+        return command.main(command.build_parser(f"compare.py {argv[0]}").parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
     import reports
     from reports import session

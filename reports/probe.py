@@ -41,6 +41,8 @@ exit status:
   2    bad input, one line: a malformed spec, an unimportable path, something that is not a
        batch-norm layer, a layer that needs arguments it was not given"""
 
+SUMMARY = "measure any batch-norm layer's conventions: FRAMEWORK:IMPORT.PATH[(ARGS)] (probe --help)"
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -162,8 +164,8 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(args) -> int:
+    """compare.py probe, with its parsed arguments (`build_parser`)."""
     try:
         target, expected = validate(args)
     except UsageError as e:

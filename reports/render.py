@@ -185,3 +185,30 @@ def plot_log_curves(curves: dict, path, *, xlabel: str, ylabel: str, title: str,
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, plt, path)
+
+
+@safe_plot
+def plot_layer_errors(panels: dict, path, *, layers, tol: float, title: str,
+                      floor: float = 1e-12) -> str | None:
+    """Per-layer errors on a log axis, one panel per entry of `panels` ({panel title: {label:
+    {layer: error}}}), one line per label, the tolerance dashed; exact zeros drawn at `floor`
+    (the title should say so), non-finite values left out."""
+    panels = {k: v for k, v in panels.items() if v}
+    plt = _pyplot() if panels else None
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), sharey=True,
+                             squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        for label, errors in series.items():
+            xs = [i for i, layer in enumerate(layers) if math.isfinite(errors.get(layer, math.nan))]
+            ax.semilogy(xs, [max(errors[layers[i]], floor) for i in xs], marker="o", ms=3,
+                        label=label)
+        ax.axhline(tol, color="black", linestyle="--", linewidth=1, label=f"tolerance {tol:g}")
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=60, fontsize=8)
+        ax.set(title=name, ylabel="max |activation error|")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, plt, path)
