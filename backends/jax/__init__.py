@@ -7,11 +7,11 @@ import jax  # noqa: F401
 import optax  # noqa: F401
 
 from backends.jax.bn import (IMPLS, BatchNorm, batch_norm, bn_step, conventions, make_layer,
-                             probe, textbook_batch_norm)
+                             precision_probe, probe, textbook_batch_norm)
 from backends.jax.lenet import LeNetBN, lenet_eval, lenet_train
 from backends.jax.train import exact_numerics, fit, speed, speed_timer, versions
 
 # the contract (backends/contract.py), then this backend's own public names
 __all__ = ["IMPLS", "make_layer", "bn_step", "conventions", "probe", "lenet_train",
            "lenet_eval", "fit", "speed", "speed_timer", "exact_numerics", "versions",
-           "textbook_batch_norm", "batch_norm", "BatchNorm", "LeNetBN"]
+           "precision_probe", "textbook_batch_norm", "batch_norm", "BatchNorm", "LeNetBN"]

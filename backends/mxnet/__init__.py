@@ -14,11 +14,11 @@ if "bool" not in vars(numpy):  # hasattr would trigger NumPy 1.2x's FutureWarnin
 import mxnet  # noqa: E402,F401  (fails here, not later, when MXNet is missing or broken)
 
 from .bn import (IMPLS, BatchNorm, batch_norm, bn_step, conventions, make_layer,  # noqa: E402
-                 probe, textbook_batch_norm)
+                 precision_probe, probe, textbook_batch_norm)
 from .lenet import lenet_eval, lenet_train  # noqa: E402
 from .train import exact_numerics, fit, speed, speed_timer, versions  # noqa: E402
 
 # the contract (backends/contract.py), then this backend's own public names
 __all__ = ["IMPLS", "make_layer", "bn_step", "conventions", "probe", "lenet_train",
            "lenet_eval", "fit", "speed", "speed_timer", "exact_numerics", "versions",
-           "textbook_batch_norm", "batch_norm", "BatchNorm"]
+           "precision_probe", "textbook_batch_norm", "batch_norm", "BatchNorm"]

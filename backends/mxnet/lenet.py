@@ -18,6 +18,7 @@ from common import spec
 
 from .bn import BatchNorm, PerModeGraph, make_layer
 from .device import context
+from .precision import MixedPrecision, array, mx_dtype, numpy
 
 
 class LeNet(PerModeGraph):
@@ -78,12 +79,14 @@ def _param(net, name):
 
 
 def load_params(net, params, dtype, ctx):
-    """Initialise `net` on `ctx` in `dtype` and set it to the canonical `params`."""
+    """Initialise `net` on `ctx` in `dtype` and set it to the canonical `params` (float16: batch
+    norm keeps float32, as `cast` leaves it)."""
     canonical.validate_params(params)
     net.initialize(ctx=ctx)
-    net.cast(dtype)
+    net.cast(mx_dtype(dtype))
     for name in canonical.param_shapes():
-        _param(net, name).set_data(mx.nd.array(params[name], dtype=dtype, ctx=ctx))
+        p = _param(net, name)
+        p.set_data(array(params[name], p.dtype, ctx))
 
 
 def to_canonical(net) -> dict[str, np.ndarray]:
@@ -95,39 +98,46 @@ def _ctx(device):
 
 
 def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None,
-                dtype="float64", device="cpu") -> dict:
+                dtype="float64", device="cpu", loss_scale=None) -> dict:
     """Plain SGD on mean cross-entropy, one step per batch, from canonical `params`.
 
     `unbiased=None` keeps both impls' own (biased) running variance. The native layer applies
     its momentum as a float32 (conventions()["native"]["momentum_dtype"]), so in float64 its
     running statistics follow decay=float32(decay). The update `w -= lr * grad` is done here in
     `dtype` (gluon.Trainer's sgd_update also takes the learning rate as a float32); `fit` uses
-    the Trainer.
+    the Trainer. float16 (GPU only; `precision.MixedPrecision`): the network cast to float16 with
+    batch norm in float32, float32 master weights, static loss scaling.
     """
     spec.check_decay(decay)
     ctx = _ctx(device)
+    mp = MixedPrecision(dtype, ctx, loss_scale)
     net = build(impl, eps=eps, decay=decay, unbiased=bool(unbiased))
-    load_params(net, params, dtype, ctx)
+    load_params(net, params, mp.dtype, ctx)
     net.hybridize(static_alloc=True)
     trainable = [p for p in net.collect_params().values() if p.grad_req != "null"]
+    master = mp.master_weights(trainable)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     losses = []
     for x, y in batches:
-        X = mx.nd.array(x, dtype=dtype, ctx=ctx)
-        Y = mx.nd.array(y, dtype=dtype, ctx=ctx)
+        X = array(x, mp.dtype, ctx)
+        Y = mx.nd.array(y, dtype=mp.float_dtype, ctx=ctx)
         with autograd.record():
-            loss = loss_fn(net(X), Y).mean()
-        loss.backward()
-        for p in trainable:
-            p.data()[:] -= lr * p.grad()
+            loss = loss_fn(mp.logits(net(X)), Y).mean()
+            scaled = mp.scaled(loss)
+        scaled.backward()
+        mp.sgd(trainable, lr, master)
         losses.append(float(loss.asscalar()))
-    return {"losses": losses, "params": to_canonical(net)}
+    out = to_canonical(net)
+    out.update({name: master[_param(net, name).name].asnumpy() for name in out
+                if _param(net, name).name in master})
+    return {"losses": losses, "params": out, **mp.summary()}
 
 
 def lenet_eval(params, x, *, impl, dtype="float64", device="cpu") -> np.ndarray:
     """Logits in inference mode (running statistics)."""
     ctx = _ctx(device)
+    mp = MixedPrecision(dtype, ctx)
     net = build(impl)
-    load_params(net, params, dtype, ctx)
+    load_params(net, params, mp.dtype, ctx)
     net.hybridize()
-    return net(mx.nd.array(x, dtype=dtype, ctx=ctx)).asnumpy()
+    return numpy(net(array(x, mp.dtype, ctx)))

@@ -4,6 +4,8 @@ NumPy parameter dict (`common.lenet`, already in PyTorch layout) and the model; 
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -13,21 +15,9 @@ from common import lenet as canon
 
 from .bn import check_impl, make_layer
 from .device import resolve_device
+from .precision import MixedPrecision, numpy, torch_dtype
 
 _NATIVE_NAMES = {"gamma": "weight", "beta": "bias"}
-
-
-def torch_dtype(dtype) -> torch.dtype:
-    """torch dtype for "float32"/"float64" (or the numpy/torch equivalents)."""
-    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float64):
-        return dtype
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:
-        name = None
-    if name not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return getattr(torch, name)
 
 
 class LeNetBN(nn.Module):
@@ -82,8 +72,7 @@ def load_params(model: LeNetBN, params) -> None:
 def get_params(model: LeNetBN) -> dict[str, np.ndarray]:
     """The canonical dict (NumPy, the model's dtype) of `model`'s parameters and running stats."""
     sd = model.state_dict()
-    return {name: sd[torch_name(name, model.impl)].detach().cpu().numpy().copy()
-            for name in canon.param_shapes()}
+    return {name: numpy(sd[torch_name(name, model.impl)]) for name in canon.param_shapes()}
 
 
 def build_lenet(impl, *, eps=1e-5, decay=0.9, unbiased=None, device="cpu", dtype=torch.float32,
@@ -98,13 +87,18 @@ def build_lenet(impl, *, eps=1e-5, decay=0.9, unbiased=None, device="cpu", dtype
     return model
 
 
-def sgd_step(model, opt, x, y):
+def sgd_step(model, opt, x, y, mp: MixedPrecision | None = None):
     """One training step (mean cross-entropy, plain SGD); returns (loss, logits), detached and
-    left on the device so callers decide when to synchronise."""
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    left on the device so callers decide when to synchronise. `mp`: the mixed-precision policy
+    (autocast, float32 loss, loss scaling); None is plain full precision."""
+    with mp.autocast() if mp else contextlib.nullcontext():
+        logits = model(x)
+    loss = F.cross_entropy(logits.to(mp.param_dtype) if mp else logits, y)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if mp:
+        mp.backward(loss, model.parameters())
+    else:
+        loss.backward()
     opt.step()
     return loss.detach(), logits.detach()
 
@@ -117,27 +111,30 @@ def _images(x, dtype, device):
 
 
 def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None,
-                dtype="float64", device="cpu") -> dict:
+                dtype="float64", device="cpu", loss_scale=None) -> dict:
     """Plain SGD on mean cross-entropy over `batches` of (x, y) NumPy pairs; running statistics
-    update as `impl` does. Returns {"losses": [float per step], "params": canonical dict}."""
+    update as `impl` does. Returns {"losses": [float per step], "params": canonical dict}, and
+    for float16/bfloat16 (autocast, `MixedPrecision`) "precision": what ran."""
     dev, _ = resolve_device(device)
-    tdt = torch_dtype(dtype)
-    model = build_lenet(impl, eps=eps, decay=decay, unbiased=unbiased, device=dev, dtype=tdt,
-                        params=params)
+    mp = MixedPrecision(dtype, dev, loss_scale)
+    model = build_lenet(impl, eps=eps, decay=decay, unbiased=unbiased, device=dev,
+                        dtype=mp.param_dtype, params=params)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for x, y in batches:
         yb = torch.as_tensor(np.asarray(y), dtype=torch.int64).to(dev)
-        losses.append(sgd_step(model, opt, _images(x, tdt, dev), yb)[0])
-    return {"losses": torch.stack(losses).tolist() if losses else [], "params": get_params(model)}
+        losses.append(sgd_step(model, opt, _images(x, mp.param_dtype, dev), yb, mp)[0])
+    return {"losses": torch.stack(losses).tolist() if losses else [], "params": get_params(model),
+            **mp.summary()}
 
 
 def lenet_eval(params, x, *, impl, dtype="float64", device="cpu") -> np.ndarray:
-    """Logits (N×10, NumPy) in inference mode, i.e. with the running statistics."""
+    """Logits (N×10, NumPy) in inference mode, i.e. with the running statistics (float16 and
+    bfloat16 under autocast, logits in that dtype)."""
     dev, _ = resolve_device(device)
-    tdt = torch_dtype(dtype)
-    model = build_lenet(impl, device=dev, dtype=tdt, params=params).eval()
-    with torch.no_grad():
-        return model(_images(x, tdt, dev)).cpu().numpy()
+    mp = MixedPrecision(dtype, dev)
+    model = build_lenet(impl, device=dev, dtype=mp.param_dtype, params=params).eval()
+    with torch.no_grad(), mp.autocast():
+        return numpy(model(_images(x, mp.param_dtype, dev)))
 
