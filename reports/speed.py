@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from reports import Section, render
-from reports.train import allocator_note
+from reports.train import allocator_note, unsupported
 
 SUMMARY = "training-step throughput of every backend × impl × device, scratch/native ratio"
 NEEDS_DATA = False
@@ -65,8 +65,10 @@ def run(s) -> Section:
     for key, r in runs.items():
         name, _, impl = key.partition("/")
         if "error" in r:
-            failures.append(f"{key}: {r['error'][:160]}")
-            rows.append([key, "", "error: " + r["error"], "", "", "", "", "", "", ""])
+            if not unsupported(r):
+                failures.append(f"{key}: {r['error'][:160]}")
+            rows.append([key, "", ("unsupported: " if unsupported(r) else "error: ") + r["error"],
+                         "", "", "", "", "", "", ""])
             continue
         if not (r["examples_per_s"] > 0 and math.isfinite(r["examples_per_s"])):
             failures.append(f"{key}: examples/s {r['examples_per_s']}")

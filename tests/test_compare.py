@@ -90,6 +90,27 @@ def test_quick_run_writes_every_report_and_passes(quick_run):
     if sys.platform.startswith("linux"):  # the backend processes kept freed memory for reuse
         assert all(res["backends"][b]["allocator"].startswith("glibc malloc tuned") for b in live)
 
+    prec = res["precision"]
+    assert set(prec["dtypes"]) == {"float16", "bfloat16"}
+    assert {k.split("/")[0] for k in prec["support"]} == set(live)
+    idiom = [r for r in prec["bn"] if r["accumulate"] == "float32"]
+    assert idiom and all(r["pass"] for r in idiom if "errors" in r), [r for r in idiom if not r.get("pass")]
+    lost = [r for r in prec["bn"] if r["accumulate"] == "input" and r["case"] == "large mean" and "errors" in r]
+    assert lost and not any(r["pass"] for r in lost)  # statistics in the input dtype lose there
+    probes = {(r["backend"], r["impl"], r["dtype"], r["accumulate"]): r for r in prec["probes"]}
+    for b in live:
+        for dt in prec["dtypes"]:
+            p = probes[(b, "native", dt, "float32")]
+            assert (p["stats_dtype"], p["running_dtype"], p["output_dtype"]) == ("float32 or wider", "float32", dt)
+    for key, runs in prec["trajectory"].items():  # native impls in --quick
+        assert key.endswith("/native") and "float32" in runs, runs
+    if "torch" in live:
+        assert prec["trajectory"]["torch/native"]["float16"]["precision"]["loss_scale"] == 1024.0
+        assert all(r["final_loss"] < 2.3 for r in prec["train"]["torch/native"].values())  # chance: ln 10
+    if "mxnet" in live:  # no float16 GEMM on the CPU: refused with the reason, not failed
+        assert "gemm" in prec["support"]["mxnet/native"]["fit float16"]
+    assert (out / "precision_training.png").stat().st_size > 10_000
+
 
 def test_help_lists_every_report_the_exit_codes_and_what_quick_changes():
     proc = _compare("--help")
@@ -172,6 +193,9 @@ BAD = {
     "bad --python": (["--python", "mxnet"], "NAME=INTERPRETER"),
     "missing data dir": (["--data", "/no/such/dir", "train"], "not a directory"),
     "unknown report": (["nonsense"], "invalid choice"),
+    "unknown dtype": (["--dtype", "float8"], "invalid choice"),
+    "float16 agreement": (["agreement", "--dtype", "float16"], "precision report"),
+    "bfloat16 trajectory": (["trajectory", "--dtype", "bfloat16"], "precision report"),
 }
 
 
