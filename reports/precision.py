@@ -47,7 +47,7 @@ TRAJECTORY_RUNS = (("float32", "float32", None), ("bfloat16", "bfloat16", None),
 TRAIN_DTYPES = ("float32", "bfloat16", "float16")
 FORWARD_LAYERS = 9  # LeNet-BN: 2 conv, 4 BN, 3 dense layers, each rounding its output once
 STEPS, QUICK_STEPS, QUICK_BATCH = 20, 3, 64
-EPOCHS, QUICK_EPOCHS, QUICK_TRAIN, QUICK_TEST = 5, 2, 1024, 500
+EPOCHS, QUICK_EPOCHS, QUICK_TRAIN, QUICK_TEST = 5, 2, 512, 256
 
 QUICK = (f"precision: bn_step cases as in a full run; LeNet-BN trajectory ({QUICK_STEPS} steps, "
          f"batch {QUICK_BATCH}, float16 only with loss scaling) and training ({QUICK_EPOCHS} "
