@@ -60,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where results.json, results.md and plots go (default: results/)")
     p.add_argument("--seed", type=int, default=0,
                    help="non-negative seed for inputs, parameters and batch order (default 0)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
-                   help="dtype for train/speed (default float32) and the only dtype agreement and "
-                        "trajectory use if given (default: both)")
+    p.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default=None,
+                   help="dtype for train/speed (default float32; float16/bfloat16 train in each "
+                        "framework's mixed-precision idiom); the only dtype agreement and "
+                        "trajectory use if given (float32/float64; default: both); the only low "
+                        "precision the precision report uses if float16/bfloat16 (default: both)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="train/speed device: auto = the GPU where a backend can use one")
     p.add_argument("--quick", action="store_true", help="small sizes: " + quick.replace("%", "%%"))

@@ -52,23 +52,33 @@ class Backend(Protocol):
 
     # --- bn.py ------------------------------------------------------------------------------
 
-    def make_layer(self, impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None):
+    def make_layer(self, impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None,
+                   accumulate="float32"):
         """A fresh, training-ready batch-norm layer of `impl`, in the framework's own type (a
         torch `nn.Module`, a Gluon `HybridBlock`, a Flax linen `Module`), for `num_features`
         channels of `num_dims`-D input (2: N×C, 4: images), configured in canonical terms:
         `decay` (`common.spec`: the weight kept on the old running value), translated through
         `common.spec` to the impl's own `momentum`; `eps`; `unbiased` (True: the running variance
-        takes the ÷(m-1) batch variance, False: the ÷m one, None: the impl's own convention).
+        takes the ÷(m-1) batch variance, False: the ÷m one, None: the impl's own convention);
+        `accumulate` (`common.dtypes.ACCUMULATE`): the precision of the statistics for float16
+        and bfloat16 input, "float32" (at least float32, the default) or "input" (the input's
+        dtype; from-scratch impls, and native ones whose framework has that switch).
         A setting the impl cannot express raises `UnsupportedSetting`; bad `num_features` or
         `num_dims` raise ValueError. Flax modules take their feature count from the input at
         `init`, so there `num_features` is validated but not stored."""
 
     def bn_step(self, x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5,
-                decay=0.9, unbiased=False, impl="scratch") -> dict:
+                decay=0.9, unbiased=False, impl="scratch", accumulate="float32",
+                device="cpu") -> dict:
         """The signature and return dict of `common.reference.bn_step` (y, dx, dgamma, dbeta,
-        running_mean, running_var), computed by `impl` in the input's dtype (float32 or float64)
-        on NCHW (or N×C) arrays. `decay` is canonical (`common.spec`) and translated to the
-        impl's own `momentum`. A setting the impl cannot express raises `UnsupportedSetting` (a
+        running_mean, running_var), computed by `impl` in the input's dtype on NCHW (or N×C)
+        arrays. float32/float64: every array in that dtype. float16/bfloat16 (NumPy float16,
+        `ml_dtypes.bfloat16`): the framework's mixed-precision idiom (float32 parameters and
+        statistics) or, with `accumulate="input"`, the layer in the input dtype; y and dx come
+        back in the input dtype, dgamma/dbeta in the parameters' dtype and the running statistics
+        in the dtype the impl keeps them (what `precision_probe` reports). `decay` is canonical
+        (`common.spec`) and translated to the impl's own `momentum`. `device` as in `fit` ("cpu",
+        "gpu", "auto"). A setting the impl cannot express raises `UnsupportedSetting` (a
         ValueError) instead of computing something else; bad shapes raise ValueError
         (`common.reference.validate_inputs`)."""
 
@@ -92,16 +102,30 @@ class Backend(Protocol):
         probe`): layers built by `factory(*args, **kwargs)`. What cannot be probed raises
         `common.conventions.ProbeInputError` (one line)."""
 
+    @optional
+    def precision_probe(self, impl, dtype, *, accumulate="float32", device="cpu") -> dict:
+        """The precision `impl` really computes and keeps in a `dtype` (float16/bfloat16)
+        training step, measured on `common.precision.probe_input(dtype)` with gamma 1, beta 0:
+        {"output_dtype", "grad_dtype" (dx), "param_dtype" (gamma's gradient), "running_dtype"
+        (the running statistics as kept), read from the framework's arrays; "stats_dtype",
+        "stats_error", "candidate_errors" from `common.precision.stats_precision` (the output's
+        error against float64 next to what each candidate precision gives); "device"}."""
+
     # --- lenet.py ---------------------------------------------------------------------------
 
     def lenet_train(self, params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None,
-                    dtype="float64", device="cpu", record=False) -> dict:
+                    dtype="float64", device="cpu", record=False, loss_scale=None) -> dict:
         """Plain SGD on mean cross-entropy from the canonical parameter dict (`common.lenet`)
         over `batches`, an iterable of (x N×1×28×28 float, y int) NumPy pairs; one step per
         batch. Returns {"losses": [float per step], "params": canonical dict}. `unbiased=None`
         keeps the impl's own running-variance convention. `record=True` adds "history": the
         canonical dict (NumPy, in `dtype`) after every step, for
-        `common.lenet_reference.check_trajectory`."""
+        `common.lenet_reference.check_trajectory`. float16/bfloat16 train in the framework's
+        mixed-precision idiom with float32 master parameters (returned as float32) and static
+        loss scaling (`loss_scale`, `common.dtypes.loss_scale`: None is ×1024 for float16, none
+        for bfloat16); the result then holds "precision": {"compute", "params", "idiom",
+        "loss_scale", "skipped_steps"}. A dtype the framework cannot train in on the device
+        raises `UnsupportedSetting` saying why."""
 
     def lenet_eval(self, params, x, *, impl, dtype="float64", device="cpu", eps=1e-5,
                    fix_gamma=False):
@@ -141,7 +165,8 @@ class Backend(Protocol):
     # --- train.py ---------------------------------------------------------------------------
 
     def fit(self, data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto",
-            dtype="float32", eps=1e-5, decay=0.9, params=None, progress=None) -> dict:
+            dtype="float32", eps=1e-5, decay=0.9, params=None, progress=None,
+            loss_scale=None) -> dict:
         """Train LeNet-BN on `data` (a `common.data.Dataset`: NCHW float train/test arrays) with
         minibatches from `common.data.batch_indices(n, batch_size, seed=seed, epoch=e)`, so
         every backend sees the same batches in the same order. `device`: "auto" (the GPU where
@@ -150,7 +175,8 @@ class Backend(Protocol):
         Returns {"device": description of the device actually used, "history": [{"epoch",
         "loss", "train_acc", "test_acc", "examples_per_s", "seconds"}], "final_loss",
         "train_acc", "test_acc", "examples_per_s", "wall_s"}; examples_per_s counts training
-        steps only."""
+        steps only. `dtype` and `loss_scale` as in `lenet_train` (float16/bfloat16 add
+        "precision")."""
 
     def speed_timer(self, *, impl, device="auto", batch_size=256, dtype="float32",
                     steps=50) -> Timer:
@@ -160,7 +186,9 @@ class Backend(Protocol):
         compiles and warms up (`Timer.info`); `timer.run()` times `steps` steps. compare.py
         creates every impl's timer and then takes the runs round-robin, so that a slow spell of
         a shared machine hits every impl alike and the scratch/native ratio is measured fairly.
-        The fast path must give the same losses as the plain `lenet_train` path (tested)."""
+        The fast path must give the same losses as the plain `lenet_train` path (tested).
+        float16/bfloat16 run the framework's mixed-precision idiom, as in `lenet_train` (the info
+        then holds "precision"), or raise `UnsupportedSetting` where the device cannot."""
 
     def source_timer(self, *, impl, device="auto", batch_size=256, dtype="float32",
                      steps=50) -> Timer:

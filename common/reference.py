@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.dtypes import float_dtype  # noqa: F401  (the one dtype check; re-exported)
 from common.spec import check_decay
 
 RESULT_KEYS = ("y", "dx", "dgamma", "dbeta", "running_mean", "running_var")
@@ -19,19 +20,6 @@ def reduce_axes(ndim: int) -> tuple[int, ...]:
 
 def _bcast(v: np.ndarray, ndim: int) -> np.ndarray:
     return v.reshape((1, -1) + (1,) * (ndim - 2))
-
-
-def float_dtype(dtype_like) -> np.dtype:
-    """float32 or float64 (the dtypes every backend computes in) from a dtype or an array;
-    anything else is a ValueError."""
-    try:
-        dt = (np.dtype(dtype_like) if isinstance(dtype_like, (str, type, np.dtype))
-              else np.asarray(dtype_like).dtype)
-    except TypeError:
-        dt = None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype_like if dt is None else dt!r}")
-    return dt
 
 
 def validate_inputs(x, gamma, beta, running_mean, running_var, dy, *, training, eps, decay):

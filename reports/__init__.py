@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-ORDER = ("agreement", "conventions", "trajectory", "train", "speed", "port", "sync")
+ORDER = ("agreement", "conventions", "trajectory", "train", "speed", "precision", "port", "sync")
 # --quick trains on at most this many images (the train report; the batch-size check uses it)
 QUICK_TRAIN_LIMIT = 10_000
 

@@ -72,6 +72,16 @@ TASKS = {"bn": task_bn}
 
 
 # -- parent side -------------------------------------------------------------------------------
+def validate(s) -> None:
+    """float16/bfloat16 have their own tolerances and report: refused here, up front."""
+    from reports.session import UsageError
+
+    if s.args.dtype in ("float16", "bfloat16"):
+        raise UsageError(f"--dtype {s.args.dtype}: the agreement report compares float32 and float64; "
+                         f"float16/bfloat16 are the precision report's (compare.py precision), "
+                         "and train and speed take them too")
+
+
 def cases(seed: int, dtypes) -> list[dict]:
     out = []
     for dtype, (shape_name, shape), (decay, eps), training in itertools.product(

@@ -212,3 +212,32 @@ def plot_layer_errors(panels: dict, path, *, layers, tol: float, title: str,
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _save(fig, plt, path)
+
+
+def plot_by_group(series: dict, path, *, group, xlabel: str, ylabel: str, title: str,
+                  log: bool = False, floor: float = 1e-18) -> str | None:
+    """One thin line per series {label: [y at x = 1, 2, ...]}, coloured by `group(label)`, with
+    one legend entry per group (for many runs that fall into a few kinds, e.g. one line per
+    backend/impl, one colour per dtype). `log`: log y axis, exact zeros drawn at `floor` and
+    non-finite values left out."""
+    series = {k: v for k, v in series.items() if v}
+    plt = _pyplot() if series else None
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {}
+    for label, values in series.items():
+        g = group(label)
+        colour = colours.setdefault(g, f"C{len(colours) % 10}")
+        points = [(i + 1, max(v, floor) if log else v) for i, v in enumerate(values)
+                  if math.isfinite(v)]
+        ax.plot(*zip(*points), color=colour, lw=1, alpha=0.7, marker="o", ms=2)
+    for g, colour in colours.items():
+        ax.plot([], [], color=colour, lw=2, label=g)
+    if log:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    _integer_ticks(ax)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)

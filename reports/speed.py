@@ -5,7 +5,7 @@ import math
 
 import reports
 from reports import Section, render
-from reports.train import allocator_note
+from reports.train import allocator_note, unsupported
 
 SUMMARY = "training-step throughput of every backend × impl × device, scratch/native ratio"
 NEEDS_DATA = False
@@ -73,8 +73,9 @@ def rows_of(runs: dict) -> tuple[list[dict], list[str]]:
     for key, r in runs.items():
         name, _, impl = key.partition("/")
         if "error" in r:
-            failures.append(f"{key}: {r['error'][:160]}")
-            rows.append({"run": key, "error": r["error"]})
+            if not unsupported(r):
+                failures.append(f"{key}: {r['error'][:160]}")
+            rows.append({"run": key, "error": r["error"], "unsupported": unsupported(r)})
             continue
         eps = r["examples_per_s"]
         if not (math.isfinite(eps) and eps > 0):
@@ -112,7 +113,8 @@ def run(s) -> Section:
     table = []
     for r in rows:
         if "error" in r:
-            table.append([r["run"], "", "error: " + r["error"]] + [""] * 9)
+            why = "unsupported: " if r.get("unsupported") else "error: "
+            table.append([r["run"], "", why + r["error"]] + [""] * 9)
             continue
         noisy = " (noisy)" if r["noisy"] else ""
         table.append([r["run"], r["device"], r["path"], round(r["examples_per_s"]),

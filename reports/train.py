@@ -52,8 +52,17 @@ def allocator_note(s) -> str:
     return "; ".join(sorted(notes)) or "unknown"
 
 
+def unsupported(r: dict) -> bool:
+    """An impl that refused the setting (e.g. a dtype its framework cannot train in on this
+    device) with UnsupportedSetting: a stated limitation, shown with its reason, not a failure."""
+    return r.get("kind") == "UnsupportedSetting"
+
+
 def problems(key: str, r: dict) -> list[str]:
-    """Why a training run counts as failed: an error, or a loss/accuracy that is not finite."""
+    """Why a training run counts as failed: an error (not a refusal, see `unsupported`), or a
+    loss/accuracy that is not finite."""
+    if unsupported(r):
+        return []
     if "error" in r:
         return [f"{key}: {r['error'][:160]}"]
     bad = [k for k in ("final_loss", "train_acc", "test_acc") if not math.isfinite(r.get(k, float("nan")))]
@@ -68,7 +77,8 @@ def run(s) -> Section:
         p = problems(key, r)
         failures += p
         if "error" in r:
-            rows.append([key, "", "error: " + r["error"], "", "", "", "", ""])
+            rows.append([key, "", ("unsupported: " if unsupported(r) else "error: ") + r["error"],
+                         "", "", "", "", ""])
             continue
         rows.append([key, r["device"], r["final_loss"], r["train_acc"], r["test_acc"],
                      round(r["examples_per_s"]) if math.isfinite(r["examples_per_s"]) else r["examples_per_s"],

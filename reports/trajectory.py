@@ -54,6 +54,16 @@ TASKS = {"trajectory": task_trajectory}
 
 
 # -- parent side -------------------------------------------------------------------------------
+def validate(s) -> None:
+    """float16/bfloat16 have their own tolerances and report: refused here, up front."""
+    from reports.session import UsageError
+
+    if s.args.dtype in ("float16", "bfloat16"):
+        raise UsageError(f"--dtype {s.args.dtype}: the trajectory report compares float32 and float64; "
+                         f"float16/bfloat16 are the precision report's (compare.py precision), "
+                         "and train and speed take them too")
+
+
 def settings(s) -> dict:
     return {"steps": s.args.steps or (QUICK_STEPS if s.quick else STEPS),
             "batch_size": QUICK_BATCH if s.quick else s.args.batch_size,

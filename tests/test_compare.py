@@ -96,6 +96,7 @@ def test_quick_run_writes_every_report_and_passes(quick_run):
         assert min(r["runs"]) <= r["examples_per_s"] <= max(r["runs"]) and min(r["runs"]) > 0
     if sys.platform.startswith("linux"):  # the backend processes kept freed memory for reuse
         assert all(res["backends"][b]["allocator"].startswith("glibc malloc tuned") for b in live)
+    _check_precision(res["precision"], out, live)
     _check_port(res["port"], out, live)
     _check_sync(res["sync"], live, out)
 
@@ -186,6 +187,28 @@ def _check_port(port, out, live):
         assert (out / port["plot"]).stat().st_size > 10_000
 
 
+def _check_precision(prec, out, live):
+    assert set(prec["dtypes"]) == {"float16", "bfloat16"}
+    assert {k.split("/")[0] for k in prec["support"]} == set(live)
+    idiom = [r for r in prec["bn"] if r["accumulate"] == "float32"]
+    assert idiom and all(r["pass"] for r in idiom if "errors" in r), [r for r in idiom if not r.get("pass")]
+    lost = [r for r in prec["bn"] if r["accumulate"] == "input" and r["case"] == "large mean" and "errors" in r]
+    assert lost and not any(r["pass"] for r in lost)  # statistics in the input dtype lose there
+    probes = {(r["backend"], r["impl"], r["dtype"], r["accumulate"]): r for r in prec["probes"]}
+    for b in live:
+        for dt in prec["dtypes"]:
+            p = probes[(b, "native", dt, "float32")]
+            assert (p["stats_dtype"], p["running_dtype"], p["output_dtype"]) == ("float32 or wider", "float32", dt)
+    for key, runs in prec["trajectory"].items():  # native impls in --quick
+        assert key.endswith("/native") and "float32" in runs, runs
+    if "torch" in live:
+        assert prec["trajectory"]["torch/native"]["float16"]["precision"]["loss_scale"] == 1024.0
+        assert all(r["final_loss"] < 2.3 for r in prec["train"]["torch/native"].values())  # chance: ln 10
+    if "mxnet" in live:  # no float16 GEMM on the CPU: refused with the reason, not failed
+        assert "gemm" in prec["support"]["mxnet/native"]["fit float16"]
+    assert (out / "precision_training.png").stat().st_size > 10_000
+
+
 def test_help_lists_every_report_the_exit_codes_and_what_quick_changes():
     proc = _compare("--help")
     assert proc.returncode == 0
@@ -274,6 +297,9 @@ BAD = {
     "sync: shards for no world size": (["sync", "--shards", "40+16+8+0", "--world-sizes", "1,2"],
                                        "is for 4 workers"),
     "sync: timeout": (["sync", "--sync-timeout", "-1"], "--sync-timeout"),
+    "unknown dtype": (["--dtype", "float8"], "invalid choice"),
+    "float16 agreement": (["agreement", "--dtype", "float16"], "precision report"),
+    "bfloat16 trajectory": (["trajectory", "--dtype", "bfloat16"], "precision report"),
 }
 
 

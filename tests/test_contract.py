@@ -61,7 +61,7 @@ def test_a_fake_built_from_the_contract_conforms():
 
 
 def _bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-3, decay=0.9,
-             unbiased=False, impl="scratch"):
+             unbiased=False, impl="scratch", accumulate="float32", device="cpu"):
     """eps default 1e-3 (Keras' and MXNet's operator default) instead of 1e-5."""
 
 
@@ -70,7 +70,7 @@ WRONG = {
     "missing function": ("fit", None, ["fit: missing"]),
     "framework momentum instead of canonical decay (jax's make_layer before)": (
         "make_layer", lambda impl, *, momentum=None, eps=None, unbiased=False: None,
-        ["make_layer: missing parameter(s) num_features, num_dims, decay",
+        ["make_layer: missing parameter(s) num_features, num_dims, decay, accumulate",
          "make_layer: parameter 'eps' has default None, the contract's has default 1e-05",
          "make_layer: parameter 'unbiased' has default False, the contract's has default None"]),
     "wrong default": ("bn_step", _bn_step,
@@ -85,7 +85,7 @@ WRONG = {
                    ["lenet_eval: parameter 'impl' is positional or keyword, the contract's is "
                     "keyword-only"]),
     "renamed": ("lenet_train", lambda params, batches, *, lr, impl, eps=1e-5, momentum=0.9,
-                unbiased=None, dtype="float64", device="cpu", record=False: None,
+                unbiased=None, dtype="float64", device="cpu", record=False, loss_scale=None: None,
                 ["lenet_train: missing parameter(s) decay"]),  # momentum=0.9 alone: an option
     "extra without default": (
         "speed_timer", lambda *, impl, device="auto", batch_size=256, dtype="float32", steps=50,
@@ -98,7 +98,7 @@ WRONG = {
                            "keyword-only parameters with a default may be added"]),
     "int default for a float": ("fit", lambda data, *, impl, epochs, batch_size=256, lr=1, seed=0,
                                 device="auto", dtype="float32", eps=1e-5, decay=0.9, params=None,
-                                progress=None: None,
+                                progress=None, loss_scale=None: None,
                                 ["fit: parameter 'lr' has default 1, the contract's has default "
                                  "1.0"]),
     "not a function": ("versions", {"torch": "2.13.0"},

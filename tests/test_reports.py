@@ -73,6 +73,13 @@ def test_training_with_a_non_finite_result_is_a_failure(field):
     assert train.problems("x/scratch", {"error": "boom"}) == ["x/scratch: boom"]
 
 
+def test_a_refused_setting_is_listed_not_failed_but_a_crash_fails():
+    refused = {"error": "UnsupportedSetting: no float16 GEMM on the CPU", "kind": "UnsupportedSetting"}
+    assert train.unsupported(refused) and train.problems("x/native", refused) == []
+    crashed = {"error": "RuntimeError: boom", "kind": "RuntimeError"}
+    assert not train.unsupported(crashed) and train.problems("x/native", crashed)
+
+
 def test_trajectory_fails_a_run_whose_losses_or_params_are_nan():
     """Runs answered by the reference itself pass; NaN in a loss or a parameter fails."""
     from common import lenet_reference

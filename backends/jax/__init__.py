@@ -7,7 +7,7 @@ import jax  # noqa: F401
 import optax  # noqa: F401
 
 from backends.jax.bn import (IMPLS, BatchNorm, batch_norm, bn_step, conventions, make_layer,
-                             textbook_batch_norm)
+                             precision_probe, textbook_batch_norm)
 from backends.jax.lenet import LeNetBN, lenet_eval, lenet_layers, lenet_train
 from backends.jax.sync import SYNC_IMPLS, SyncGroup, sync_bn_step, sync_lenet_train
 from backends.jax.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -20,4 +20,4 @@ __all__ = ["IMPLS", "make_layer", "bn_step", "conventions", "observe", "experime
            "lenet_train", "lenet_eval", "fit", "speed", "speed_timer", "source_timer",
            "exact_numerics", "versions", "textbook_batch_norm", "batch_norm", "BatchNorm",
            "LeNetBN", "SYNC_IMPLS", "SyncGroup", "sync_bn_step", "sync_lenet_train",
-           "lenet_layers", "save_checkpoint", "load_checkpoint", "read_checkpoint"]
+           "lenet_layers", "save_checkpoint", "load_checkpoint", "read_checkpoint", "precision_probe"]

@@ -22,11 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends import UnsupportedSetting, check_layer_config
-from common import spec
+from common import dtypes, precision, spec
 from common.conventions import signature_arguments
 from common.convert import BN_NAMES, PARAM_FIELDS, STAT_FIELDS
-from common.reference import float_dtype as check_dtype, validate_inputs
+from common.dtypes import float_dtype as check_dtype
+from common.reference import RESULT_KEYS, validate_inputs
 from common.spec import IMPL_CONVENTIONS, momentum_from_decay
+
+from backends.jax.device import select_device
 
 
 def textbook_batch_norm(X, deterministic, gamma, beta, moving_mean, moving_var, eps, momentum):
@@ -143,6 +146,11 @@ class BatchNorm(nn.Module):
     in the `batch_stats` collection, updated only in training mode
     (`use_running_average=False`), which needs `mutable=['batch_stats']` in `apply`, as with
     `flax.linen.BatchNorm`.
+
+    Precision (`common.dtypes.ACCUMULATE`): `accumulate="float32"` computes in
+    jnp.promote_types(input, float32), as Flax's own layer does, and casts the output to `dtype`
+    (None: the input's); `accumulate="input"` computes in the input dtype, with parameters and
+    statistics kept in `param_dtype` (make_layer sets it to the input dtype then).
     """
 
     use_running_average: bool | None = None
@@ -150,6 +158,8 @@ class BatchNorm(nn.Module):
     epsilon: float = SCRATCH_EPS
     unbiased: bool = False
     param_dtype: object = jnp.float32
+    dtype: object = None
+    accumulate: str = "float32"
 
     def state(self, x, use_running_average):
         """(training?, gamma, beta, moving_mean, moving_var) for input `x`; call from a compact
@@ -167,12 +177,17 @@ class BatchNorm(nn.Module):
     def __call__(self, x, use_running_average: bool | None = None):
         use_running_average, gamma, beta, moving_mean, moving_var = self.state(
             x, use_running_average)
+        out_dtype = x.dtype if self.dtype is None else self.dtype
+        work = (x.dtype if self.accumulate == "input"
+                else jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), gamma.dtype))
         y, new_mean, new_var = batch_norm(
-            x, gamma, beta, moving_mean.value, moving_var.value, self.epsilon, self.momentum,
-            training=not use_running_average, unbiased=self.unbiased)
+            *(a.astype(work) for a in (x, gamma, beta, moving_mean.value, moving_var.value)),
+            self.epsilon, self.momentum, training=not use_running_average,
+            unbiased=self.unbiased)
         if not use_running_average and not self.is_initializing():
-            moving_mean.value, moving_var.value = new_mean, new_var
-        return y
+            moving_mean.value = new_mean.astype(moving_mean.value.dtype)
+            moving_var.value = new_var.astype(moving_var.value.dtype)
+        return y.astype(out_dtype)
 
 
 def native_defaults() -> dict:
@@ -186,13 +201,37 @@ def has_fast_variance_option() -> bool:
     return "use_fast_variance" in {f.name for f in dataclasses.fields(nn.BatchNorm)}
 
 
+def has_float32_reductions_option() -> bool:
+    return "force_float32_reductions" in {f.name for f in dataclasses.fields(nn.BatchNorm)}
+
+
+def precision_fields(impl: str, dtype, accumulate: str) -> dict:
+    """The Flax module fields that give `impl` computing in `dtype` (None: the input's) the
+    statistics precision `accumulate`: Flax's own `dtype`/`param_dtype` (float32 parameters)
+    and, for accumulate="input", its `force_float32_reductions=False`; the from-scratch module's
+    `dtype`, `accumulate` and, for "input", parameters in `dtype`."""
+    dtypes.check_accumulate(accumulate)
+    fields = {} if dtype is None else {"dtype": jnp.dtype(check_dtype(dtype))}
+    if impl == "scratch":
+        fields["accumulate"] = accumulate
+        if accumulate == "input" and dtype is not None:
+            fields["param_dtype"] = fields["dtype"]
+        return fields
+    if accumulate == "input":
+        if not has_float32_reductions_option():
+            raise UnsupportedSetting("this Flax's BatchNorm has no force_float32_reductions "
+                                     "option: its statistics are always at least float32")
+        fields["force_float32_reductions"] = False
+    return fields
+
+
 def own_layer(impl: str, *, momentum=None, eps=None, unbiased=False, fast_variance=False,
               **kw) -> nn.Module:
     """A batch-norm module of `impl` with `momentum`/`eps` in the impl's OWN meaning (None: its
     default), as `conventions` and `probe` need it; everything else goes through `make_layer`.
     The native layer gets `use_fast_variance=fast_variance` where the installed Flax has that
     option (None keeps Flax's default), so it computes the two-pass variance of the reference
-    unless asked otherwise. `kw`: Flax module fields (use_running_average, name, ...)."""
+    unless asked otherwise. `kw`: Flax module fields (use_running_average, name, dtype, ...)."""
     check_impl(impl)
     opts = {}
     if momentum is not None:
@@ -211,17 +250,21 @@ def own_layer(impl: str, *, momentum=None, eps=None, unbiased=False, fast_varian
 
 
 def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None,
-               fast_variance=False, use_running_average=None, name=None) -> nn.Module:
+               accumulate="float32", fast_variance=False, use_running_average=None, name=None,
+               dtype=None) -> nn.Module:
     """The contract's make_layer (backends/contract.py): a Flax batch-norm module of `impl` for
     canonical `decay`, translated to the impl's momentum; `unbiased=None` is the impl's own
     (biased) estimator. Flax takes the feature count from the input at `init`, so
     `num_features` and `num_dims` are validated, not stored. Options: `fast_variance` (see
-    `own_layer`), and the Flax fields `use_running_average` and `name`."""
+    `own_layer`), the Flax fields `use_running_average` and `name`, and `dtype`, the dtype the
+    layer computes and returns in (None: the input's) with `accumulate` as in
+    `precision_fields`."""
     check_impl(impl)
     check_layer_config(num_features, num_dims, eps, decay)
     return own_layer(impl, momentum=momentum_from_decay(decay, CONVENTION[impl]), eps=eps,
                      unbiased=bool(unbiased), fast_variance=fast_variance,
-                     use_running_average=use_running_average, name=name)
+                     use_running_average=use_running_average, name=name,
+                     **precision_fields(impl, dtype, accumulate))
 
 
 def to_variables(impl, gamma, beta, running_mean, running_var) -> dict:
@@ -266,31 +309,72 @@ def layer_step(layer, impl, x, variables, dy, *, training, **call_kwargs):
     return y, dx, dgamma, dbeta, stats_of(impl, new_stats)
 
 
+def _run_step(impl, x, gamma, beta, running_mean, running_var, dy, *, training, eps, decay,
+              unbiased, accumulate, device, fast_variance=False):
+    """One step of a fresh `impl` layer as bn_step runs it, channels-last on `device`; returns
+    (y, dx, dgamma, dbeta, running_mean, running_var) as NumPy arrays in NCHW, each in the dtype
+    the layer produced or keeps. float16/bfloat16: the layer computes in the input dtype
+    (`make_layer(dtype=...)`) and its variables take the dtypes its own `init` gives them."""
+    check_impl(impl)
+    dtype = check_dtype(np.asarray(x).dtype)
+    low = dtype.name in dtypes.LOW
+    dev, _ = select_device(device)
+    # Inference updates no running variance, so the estimator setting matters only in training.
+    layer = make_layer(impl, np.shape(x)[1], np.ndim(x), eps=eps, decay=decay,
+                       unbiased=bool(unbiased and training), fast_variance=bool(fast_variance),
+                       accumulate=accumulate, dtype=dtype if low else None)
+    x, dy = (np.asarray(a, dtype=dtype) for a in (x, dy))
+    values = dict(gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    with x64_mode(dtype):
+        xl = jax.device_put(jnp.asarray(_to_last(x)), dev)
+        if low:  # the dtypes the layer keeps its variables in, as its own init makes them
+            shapes = jax.eval_shape(lambda a: layer.init(jax.random.PRNGKey(0), a,
+                                                         use_running_average=False), xl)
+            kept = {f: shapes["params"][VARIABLE_NAMES[impl][f]].dtype for f in PARAM_FIELDS}
+            kept.update((f, v.dtype) for f, v in stats_of(impl, shapes["batch_stats"]).items())
+        else:
+            kept = dict.fromkeys(values, dtype)
+        host = {f: np.asarray(np.asarray(v).astype(np.float64), dtype=kept[f])
+                for f, v in values.items()}
+        variables = jax.device_put(jax.tree_util.tree_map(jnp.asarray, to_variables(impl, **host)),
+                                   dev)
+        y, dx, dgamma, dbeta, stats = layer_step(
+            layer, impl, xl, variables, jax.device_put(jnp.asarray(_to_last(dy)), dev),
+            training=training)
+        out = (_to_first(np.asarray(y)), _to_first(np.asarray(dx)), np.asarray(dgamma),
+               np.asarray(dbeta), np.asarray(stats["running_mean"]), np.asarray(stats["running_var"]))
+        return tuple(np.ascontiguousarray(v) for v in out)
+
+
 def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
-            unbiased=False, impl="scratch", fast_variance=False) -> dict:
+            unbiased=False, impl="scratch", fast_variance=False, accumulate="float32",
+            device="cpu") -> dict:
     """The contract's bn_step (see backends/contract.py): NCHW NumPy in and out, computed
-    channels-last by `impl` in the input's dtype. `fast_variance=True` (native only) keeps Flax's
-    default E[x²]−E[x]² variance instead of the two-pass one the adapter otherwise uses."""
+    channels-last by `impl` in the input's dtype (float16/bfloat16: Flax's `dtype` with float32
+    `param_dtype`, the from-scratch module likewise; `accumulate="input"` is Flax's
+    `force_float32_reductions=False` and the from-scratch module in the input dtype).
+    `fast_variance=True` (native only) keeps Flax's default E[x²]−E[x]² variance instead of the
+    two-pass one the adapter otherwise uses."""
     validate_inputs(x, gamma, beta, running_mean, running_var, dy,
                     training=training, eps=eps, decay=decay)
     check_impl(impl)
     if fast_variance and (impl != "native" or not has_fast_variance_option()):
         raise UnsupportedSetting(f"fast_variance applies to Flax's native BatchNorm only (impl {impl!r})")
-    dtype = check_dtype(np.asarray(x).dtype)
-    # Inference updates no running variance, so the estimator setting matters only in training.
-    layer = make_layer(impl, np.shape(x)[1], np.ndim(x), eps=eps, decay=decay,
-                       unbiased=bool(unbiased and training), fast_variance=bool(fast_variance))
-    host = [np.asarray(a, dtype=dtype) for a in (x, gamma, beta, running_mean, running_var, dy)]
-    x, gamma, beta, running_mean, running_var, dy = host
-    with x64_mode(dtype):
-        variables = jax.tree_util.tree_map(
-            jnp.asarray, to_variables(impl, gamma, beta, running_mean, running_var))
-        y, dx, dgamma, dbeta, stats = layer_step(
-            layer, impl, jnp.asarray(_to_last(x)), variables, jnp.asarray(_to_last(dy)),
-            training=training)
-        out = dict(y=_to_first(np.asarray(y)), dx=_to_first(np.asarray(dx)), dgamma=dgamma,
-                   dbeta=dbeta, **stats)
-        return {k: np.ascontiguousarray(v, dtype=dtype) for k, v in out.items()}
+    out = _run_step(impl, x, gamma, beta, running_mean, running_var, dy, training=training,
+                    eps=eps, decay=decay, unbiased=unbiased, accumulate=accumulate,
+                    device=device, fast_variance=fast_variance)
+    return dict(zip(RESULT_KEYS, out))
+
+
+def precision_probe(impl, dtype, *, accumulate="float32", device="cpu") -> dict:
+    """The contract's precision_probe: one training step as bn_step runs it, on
+    `common.precision.probe_case(dtype)`; the dtypes are the JAX arrays' own."""
+    case = precision.probe_case(dtype)
+    y, dx, dgamma, _, rm, _ = _run_step(impl, **case, training=True, eps=1e-5, decay=0.9,
+                                        unbiased=False, accumulate=accumulate, device=device)
+    return precision.probe_result(case, y, output_dtype=y.dtype.name, grad_dtype=dx.dtype.name,
+                                  param_dtype=dgamma.dtype.name, running_dtype=rm.dtype.name,
+                                  device=select_device(device)[1])
 
 
 # The suite's impls as modules: (class, constructor arguments); probe.py's experiment builds

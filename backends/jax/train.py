@@ -22,9 +22,10 @@ import numpy as np
 from jax import lax
 
 from backends import epoch_line, positive_int, synthetic_batches, time_alone
-from backends.jax.bn import check_dtype, check_impl, x64_mode
+from backends.jax.bn import check_impl, x64_mode
 from backends.jax.device import select_device
 from backends.jax.lenet import build, make_train_step, nchw_to_nhwc, variables_of
+from backends.jax.precision import MixedPrecision
 from common import data as cdata
 from common import lenet as canon
 
@@ -42,12 +43,13 @@ def versions() -> dict:
 
 
 @functools.lru_cache(maxsize=16)
-def _epoch_fns(impl, eps, decay, lr):
+def _epoch_fns(impl, eps, decay, lr, compute=None, loss_scale=1.0):
     """(optimizer, then jitted: epoch over full batches via lax.scan, one step by batch number,
     one step on given indices, one test chunk's correct count added to a running total).
-    Cached per configuration so a later fit reuses the compiled executables."""
-    model = build(impl, eps=eps, decay=decay, unbiased=None)
-    tx, step = make_train_step(model, lr)
+    Cached per configuration so a later fit reuses the compiled executables. `compute`,
+    `loss_scale`: `jax/precision.MixedPrecision.key()`."""
+    model = build(impl, eps=eps, decay=decay, unbiased=None, dtype=compute)
+    tx, step = make_train_step(model, lr, loss_scale)
 
     def gather_step(carry, x_all, y_all, idx):
         state, loss_sum, correct = carry
@@ -90,9 +92,10 @@ class _Trainer:
     correct predictions."""
 
     def __init__(self, data, *, impl, batch_size, lr, seed, device, dtype, eps, decay, params,
-                 scan):
+                 scan, loss_scale=None):
         check_impl(impl)
-        self.dt = check_dtype(dtype)
+        self.mp = MixedPrecision(dtype, loss_scale)
+        self.dt = self.mp.param_dtype  # parameters and data (float32 for float16/bfloat16)
         self.batch_size = positive_int("batch_size", batch_size)
         self.dev, self.device_name = select_device(device)
         self.scan = self.dev.platform != "cpu" if scan is None else bool(scan)
@@ -103,7 +106,7 @@ class _Trainer:
         self.n_test = len(data.test_x)
         params = canon.init_params(seed) if params is None else params
         tx, scan_epoch, loop_step, gather_step, test_correct = _epoch_fns(
-            impl, float(eps), float(decay), float(lr))
+            impl, float(eps), float(decay), float(lr), *self.mp.key())
         self.n_full, self.rest = divmod(self.n, self.batch_size)
         with x64_mode(self.dt):
             self.x_train = self._put(nchw_to_nhwc(np.asarray(data.train_x, self.dt)))
@@ -174,7 +177,7 @@ class _Trainer:
 
 
 def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dtype="float32",
-        eps=1e-5, decay=0.9, params=None, progress=None, scan=None) -> dict:
+        eps=1e-5, decay=0.9, params=None, progress=None, loss_scale=None, scan=None) -> dict:
     """The contract's fit (see backends/contract.py). `data` has train_x/train_y/test_x/test_y
     (NCHW floats, int labels). `scan`: run each epoch's full batches as one `lax.scan` call
     (True) or the same jitted step from a Python loop (False); None picks scan on a GPU and the
@@ -185,7 +188,8 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
     say = progress or (lambda line: None)
     start = time.perf_counter()
     t = _Trainer(data, impl=impl, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                 dtype=dtype, eps=eps, decay=decay, params=params, scan=scan)
+                 dtype=dtype, eps=eps, decay=decay, params=params, scan=scan,
+                 loss_scale=loss_scale)
     n = t.n
     history, train_s = [], 0.0
     for epoch in range(epochs):
@@ -206,7 +210,8 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
             "train_acc": last["train_acc"], "test_acc": last["test_acc"],
             "examples_per_s": n * epochs / train_s if train_s else float("nan"),
             "wall_s": time.perf_counter() - start, "compile_s": t.compile_s,
-            "path": "lax.scan epoch" if t.scan else "jit step loop", "dtype": t.dt.name}
+            "path": "lax.scan epoch" if t.scan else "jit step loop", "dtype": t.mp.name,
+            **t.mp.summary(t.carry[0][2])}
 
 
 class SpeedTimer:
@@ -218,7 +223,7 @@ class SpeedTimer:
         batch_size, steps = positive_int("batch_size", batch_size), positive_int("steps", steps)
         rng = np.random.default_rng(0)
         n = batch_size * synthetic_batches(batch_size, steps)  # an epoch: up to `steps` steps
-        x = rng.uniform(0.0, 1.0, size=(n, 1, 28, 28)).astype(dtype)
+        x = rng.uniform(0.0, 1.0, size=(n, 1, 28, 28)).astype(MixedPrecision(dtype).param_dtype)
         y = rng.integers(0, 10, size=n)
         ds = cdata.Dataset(x, y, x[:batch_size], y[:batch_size], "synthetic")
         self.trainer = _Trainer(ds, impl=impl, batch_size=batch_size, lr=canon.DEFAULT_LR,
@@ -228,7 +233,8 @@ class SpeedTimer:
         warmup_s = self._epoch_seconds()
         t = self.trainer
         self.info = {"compile_s": t.compile_s, "warmup_s": warmup_s, "device": t.device_name,
-                     "path": "lax.scan epoch" if t.scan else "jit step loop"}
+                     "path": "lax.scan epoch" if t.scan else "jit step loop",
+                     **t.mp.summary(t.carry[0][2])}
 
     def _epoch_seconds(self) -> float:
         order = np.concatenate(cdata.batch_indices(self.trainer.n, self.trainer.batch_size,

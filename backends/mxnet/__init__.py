@@ -14,7 +14,7 @@ if "bool" not in vars(numpy):  # hasattr would trigger NumPy 1.2x's FutureWarnin
 import mxnet  # noqa: E402,F401  (fails here, not later, when MXNet is missing or broken)
 
 from .bn import (IMPLS, BatchNorm, batch_norm, bn_step, conventions, make_layer,  # noqa: E402
-                 textbook_batch_norm)
+                 precision_probe, textbook_batch_norm)
 from .lenet import lenet_eval, lenet_layers, lenet_train  # noqa: E402
 from .sync import SYNC_IMPLS, SyncGroup, sync_bn_step, sync_lenet_train  # noqa: E402
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
@@ -27,4 +27,4 @@ __all__ = ["IMPLS", "make_layer", "bn_step", "conventions", "observe", "experime
            "lenet_train", "lenet_eval", "fit", "speed", "speed_timer", "source_timer",
            "exact_numerics", "versions", "textbook_batch_norm", "batch_norm", "BatchNorm",
            "SYNC_IMPLS", "SyncGroup", "sync_bn_step", "sync_lenet_train", "lenet_layers",
-           "save_checkpoint", "load_checkpoint", "read_checkpoint"]
+           "save_checkpoint", "load_checkpoint", "read_checkpoint", "precision_probe"]

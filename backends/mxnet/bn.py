@@ -21,9 +21,12 @@ from mxnet import autograd
 from mxnet.gluon import nn
 
 from backends import UnsupportedSetting, check_layer_config
-from common import spec
+from common import dtypes, precision, spec
 from common.conventions import signature_arguments
-from common.reference import float_dtype, validate_inputs
+from common.reference import RESULT_KEYS, validate_inputs
+
+from .device import context
+from .precision import BF16, array, check_layer_dtype, dtype_name, mx_dtype, numpy
 
 
 def textbook_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
@@ -71,10 +74,16 @@ class _PerChannel:
     (MKLDNN's dense 1x1 convolution, backward included, is faster here than its depthwise one);
     scale/shift of (N, C) data multiplies by an outer product with a ones column. Works on
     NDArrays and Symbols alike.
+
+    `plain=True` uses MXNet's own reductions and broadcast arithmetic instead, in the input's
+    dtype `dtype`: the from-scratch layer written for float16/bfloat16 (`accumulate="input"`),
+    whose matrix-product kernels MXNet's CPU build lacks in those dtypes. Values per channel are
+    then counted in float32 (a float16 count of ones stops at 2048).
     """
 
-    def __init__(self, F, num_dims, num_features):
+    def __init__(self, F, num_dims, num_features, plain=False, dtype="float32"):
         self.F, self.num_dims, self.num_features = F, num_dims, num_features
+        self.plain, self.dtype = plain, dtype
         self._per_hw = self._ones_n = self._per_n = self._count = None
 
     def _columns(self, A2):
@@ -86,9 +95,17 @@ class _PerChannel:
         self._per_n = F.broadcast_div(self._ones_n, n)
         self._count = n if self._count is None else self._count * n
 
+    def _shape(self):
+        return (1, -1, 1, 1) if self.num_dims == 4 else (1, -1)
+
     def mean(self, A):
         """(C,) mean over every axis but 1."""
         F = self.F
+        if self.plain:
+            if self._count is None:
+                ones = F.ones_like(F.slice_axis(A, axis=1, begin=0, end=1))
+                self._count = F.sum(F.cast(ones, dtype="float32"))
+            return F.mean(A, axis=(0, 2, 3) if self.num_dims == 4 else (0,))
         if self.num_dims == 4:
             rows = F.reshape(A, shape=(-3, -1))  # (N*C, H*W)
             if self._per_hw is None:
@@ -104,6 +121,10 @@ class _PerChannel:
     def affine(self, A, scale, shift):
         """A * scale + shift per channel; `scale=None` for A + shift."""
         F, c = self.F, self.num_features
+        if self.plain:
+            if scale is not None:
+                A = F.broadcast_mul(A, F.reshape(scale, shape=self._shape()))
+            return F.broadcast_add(A, F.reshape(shift, shape=self._shape()))
         if self.num_dims == 4:
             if scale is None:
                 scale = F.ones_like(shift)
@@ -116,19 +137,29 @@ class _PerChannel:
         return A + F.dot(self._ones_n, F.reshape(shift, shape=(1, -1)))
 
     def count(self):
-        """Values per channel (N, or N*H*W), a scalar of the input's dtype; after a mean."""
+        """Values per channel (N, or N*H*W), a scalar of the input's dtype (float32 if plain);
+        after a mean."""
         return self._count
+
+    def unbiased(self, var):
+        """var × m/(m-1), in var's dtype."""
+        m = self.count()
+        factor = m / (m - 1)
+        if self.plain:
+            factor = self.F.cast(factor, dtype=self.dtype)
+        return self.F.broadcast_mul(var, factor)
 
 
 def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training=None, *,
-               unbiased=False, num_dims=None, num_features=None):
+               unbiased=False, num_dims=None, num_features=None, plain=False, dtype="float32"):
     """The MXNet source's batch norm: returns (Y, moving_mean, moving_var), the moving statistics
     updated as `(1 - momentum) * moving + momentum * batch` in training and unchanged otherwise.
 
     Works on NDArrays (imperative) and Symbols (inside `hybrid_forward`); Symbols carry no
     shape, so they need `num_dims` (2 or 4) and `num_features`. `training=None` reads
     `autograd.is_training()`. `unbiased=True` feeds the ÷(m-1) variance into moving_var (the
-    source uses the biased one); normalisation always uses the biased variance.
+    source uses the biased one); normalisation always uses the biased variance. `plain`, `dtype`:
+    see `_PerChannel` (the layer written in float16/bfloat16).
     """
     F = _module(X)
     if F is mx.nd:
@@ -139,7 +170,7 @@ def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training=
         raise ValueError(f"batch_norm takes 2-D (N, C) or 4-D NCHW input, got {num_dims}-D")
     if training is None:
         training = autograd.is_training()
-    per_channel = _PerChannel(F, num_dims, num_features)
+    per_channel = _PerChannel(F, num_dims, num_features, plain, dtype)
     if not training:
         Xc = per_channel.affine(X, None, -moving_mean)
         scale = gamma / F.sqrt(moving_var + eps)
@@ -154,8 +185,7 @@ def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, training=
     scale = gamma / F.sqrt(var + eps)
     Y = per_channel.affine(Xc, scale, beta + (stopped - mean) * scale)
     if unbiased:
-        m = per_channel.count()
-        var = F.broadcast_mul(var, m / (m - 1))
+        var = per_channel.unbiased(var)
     moving_mean = (1.0 - momentum) * moving_mean + momentum * stopped
     moving_var = (1.0 - momentum) * moving_var + momentum * F.BlockGrad(var)
     return Y, moving_mean, moving_var
@@ -201,15 +231,24 @@ class BatchNorm(PerModeGraph):
     traces this layer it leaves the new statistics in `traced_stats` (two Symbols) for the
     parent to return as graph outputs and hand back to `set_running_stats` (see
     `backends.mxnet.lenet.LeNet`).
+
+    `cast('float16')` (or BF16) follows Gluon's `BatchNorm.cast` with `accumulate="float32"`
+    (the default): the parameters and statistics stay float32, the input is cast to float32 and
+    the output back to the input dtype. With `accumulate="input"` the whole layer is cast and
+    computes in that dtype, with MXNet's plain reductions (`_PerChannel(plain=True)`).
     """
 
     def __init__(self, num_features, num_dims, eps=SOURCE_EPS, momentum=SOURCE_MOMENTUM,
-                 initial_running_var=SOURCE_INITIAL_RUNNING_VAR, unbiased=False, **kwargs):
+                 initial_running_var=SOURCE_INITIAL_RUNNING_VAR, unbiased=False,
+                 accumulate="float32", **kwargs):
         super().__init__(**kwargs)
         if num_dims not in (2, 4):
             raise ValueError(f"num_dims must be 2 or 4, got {num_dims!r}")
         self.num_features, self.num_dims = num_features, num_dims
         self.eps, self.momentum, self.unbiased = eps, momentum, unbiased
+        self.accumulate = dtypes.check_accumulate(accumulate)
+        self.io_dtype = None  # float16/BF16 input with float32 parameters (cast())
+        self.compute_dtype = "float32"
         self.traced_stats = None
         shape = (num_features,)
         with self.name_scope():
@@ -221,11 +260,23 @@ class BatchNorm(PerModeGraph):
                 "running_var", shape=shape, init=mx.init.Constant(initial_running_var),
                 grad_req="null", differentiable=False)
 
+    def cast(self, dtype):
+        dt = mx_dtype(dtype)
+        low = dtype_name(dt) in dtypes.LOW
+        self.io_dtype = dt if low and self.accumulate == "float32" else None
+        self.compute_dtype = "float32" if self.io_dtype is not None else dt
+        super().cast("float32" if self.io_dtype is not None else dt)
+
     def hybrid_forward(self, F, X, gamma, beta, running_mean, running_var):
         training = autograd.is_training()
+        if self.io_dtype is not None:
+            X = F.cast(X, dtype="float32")
+        plain = dtype_name(self.compute_dtype) in dtypes.LOW
         out = batch_norm(X, gamma, beta, running_mean, running_var, self.eps, self.momentum,
                          training, unbiased=self.unbiased, num_dims=self.num_dims,
-                         num_features=self.num_features)
+                         num_features=self.num_features, plain=plain, dtype=self.compute_dtype)
+        if self.io_dtype is not None:
+            out = (F.cast(out[0], dtype=self.io_dtype),) + tuple(out[1:])
         return out if training else out[0]
 
     def forward(self, x):
@@ -256,19 +307,27 @@ def native_layer(num_features, **kwargs):
 
 
 def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None,
-               fix_gamma=False):
+               fix_gamma=False, accumulate="float32"):
     """The contract's make_layer (backends/contract.py): a fresh layer of `impl` configured from
     canonical (eps, decay, unbiased); `unbiased=None` keeps the impl's own (biased) estimator.
     `fix_gamma` (native only): built with scale=False, i.e. the operator's fix_gamma=True, gamma
-    ignored."""
+    ignored. `accumulate` takes effect when the from-scratch layer is cast to float16/bfloat16
+    (`BatchNorm.cast`); the native operator has no such switch."""
     check_impl(impl)
     num_features = check_layer_config(num_features, num_dims, eps, decay)
+    dtypes.check_accumulate(accumulate)
     if impl == "scratch":
         if fix_gamma:
             raise UnsupportedSetting("the from-scratch BatchNorm has no fix_gamma option")
         return BatchNorm(num_features, num_dims, eps=eps,
                          momentum=spec.momentum_from_decay(decay, CONVENTION[impl]),
-                         unbiased=bool(unbiased))
+                         unbiased=bool(unbiased), accumulate=accumulate)
+    if accumulate != "float32":
+        raise UnsupportedSetting(
+            "MXNet's BatchNorm operator has no setting for the precision of its statistics, and "
+            "it refuses float16/bfloat16 gamma, beta and moving statistics ('This layer "
+            "requires uniform type. Expected float32'): accumulate='input' applies to the "
+            "from-scratch impl")
     if unbiased:
         raise UnsupportedSetting(
             "MXNet's native BatchNorm updates running_var with the biased (÷m) variance on "
@@ -281,30 +340,65 @@ def _stats(layer):
     return {k: getattr(layer, k).data().asnumpy().copy() for k in ("running_mean", "running_var")}
 
 
-def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
-            unbiased=False, impl="scratch") -> dict:
-    """One batch-norm step by `impl` (the scratch layer runs hybridized, as in training)."""
-    validate_inputs(x, gamma, beta, running_mean, running_var, dy, training=training, eps=eps,
-                    decay=decay)
-    dtype = float_dtype(x)
-    x = np.asarray(x)
+def cast_layer(layer, dtype) -> None:
+    """Cast `layer` for `dtype` input, Gluon's way: float16 through `cast` (batch norm keeps
+    float32); for bfloat16 Gluon's native BatchNorm has no such rule (it would cast its
+    parameters, which the operator refuses), so it stays float32."""
+    dt = mx_dtype(dtype)
+    if dt is BF16 and not isinstance(layer, BatchNorm):
+        return
+    layer.cast(dt)
+
+
+def _run_step(impl, x, gamma, beta, running_mean, running_var, dy, *, training, eps, decay,
+              unbiased, accumulate, device):
+    """One step of a fresh `impl` layer as bn_step runs it (the scratch layer hybridized, as in
+    training); returns the NDArrays (y, dx, dgamma, dbeta, running_mean, running_var)."""
+    name = dtypes.float_dtype(x).name
+    ctx = context(device)[0]
+    check_layer_dtype(name, ctx)
     layer = make_layer(impl, x.shape[1], x.ndim, eps=eps, decay=decay,
-                       unbiased=unbiased and training)
-    layer.initialize()
-    layer.cast(dtype)
-    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
-                        ("running_var", running_var)):
-        getattr(layer, name).set_data(mx.nd.array(value, dtype=dtype))
+                       unbiased=bool(unbiased and training), accumulate=accumulate)
+    layer.initialize(ctx=ctx)
+    cast_layer(layer, name)
+    for field, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                         ("running_var", running_var)):
+        param = getattr(layer, field)
+        param.set_data(array(value, param.dtype, ctx))
     if impl == "scratch":
         layer.hybridize()
-    X = mx.nd.array(x, dtype=dtype)
+    X = array(x, name, ctx)
     X.attach_grad()
     with autograd.record(train_mode=training):
         y = layer(X)
-    y.backward(mx.nd.array(dy, dtype=dtype), train_mode=training)  # the default is True
-    out = dict(y=y.asnumpy(), dx=X.grad.asnumpy(), dgamma=layer.gamma.grad().asnumpy(),
-               dbeta=layer.beta.grad().asnumpy(), **_stats(layer))
-    return {k: v.astype(dtype, copy=False) for k, v in out.items()}
+    y.backward(array(dy, name, ctx), train_mode=training)  # the default is True
+    return (y, X.grad, layer.gamma.grad(), layer.beta.grad(), layer.running_mean.data(),
+            layer.running_var.data())
+
+
+def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
+            unbiased=False, impl="scratch", accumulate="float32", device="cpu") -> dict:
+    """One batch-norm step by `impl` (contract in backends/contract.py). float16/bfloat16 input
+    runs MXNet's idiom (float32 parameters and statistics) or, with `accumulate="input"`, the
+    from-scratch layer cast to the input dtype."""
+    validate_inputs(x, gamma, beta, running_mean, running_var, dy, training=training, eps=eps,
+                    decay=decay)
+    out = _run_step(impl, np.asarray(x), gamma, beta, running_mean, running_var, dy,
+                    training=training, eps=eps, decay=decay, unbiased=unbiased,
+                    accumulate=accumulate, device=device)
+    return {k: numpy(v) for k, v in zip(RESULT_KEYS, out)}
+
+
+def precision_probe(impl, dtype, *, accumulate="float32", device="cpu") -> dict:
+    """The contract's precision_probe: one training step as bn_step runs it, on
+    `common.precision.probe_case(dtype)`; the dtypes are the NDArrays' own."""
+    case = precision.probe_case(dtype)
+    y, dx, dgamma, _, rm, _ = _run_step(impl, **case, training=True, eps=1e-5, decay=0.9,
+                                        unbiased=False, accumulate=accumulate, device=device)
+    return precision.probe_result(case, numpy(y), output_dtype=dtype_name(y.dtype),
+                                  grad_dtype=dtype_name(dx.dtype),
+                                  param_dtype=dtype_name(dgamma.dtype),
+                                  running_dtype=dtype_name(rm.dtype), device=context(device)[1])
 
 
 def operator_defaults() -> dict:

@@ -19,6 +19,7 @@ from common import spec
 
 from .bn import BatchNorm, PerModeGraph, make_layer
 from .device import context
+from .precision import MixedPrecision, array, mx_dtype, numpy
 
 
 class LeNet(PerModeGraph):
@@ -105,19 +106,24 @@ def _params(net):
 
 def load_params(net, params, dtype, ctx):
     """Initialise `net` on `ctx` (a context, or a list of contexts: one replica on each) in
-    `dtype` and set it to the canonical `params`."""
+    `dtype` and set it to the canonical `params` (float16: batch norm keeps float32, as `cast`
+    leaves it)."""
     canonical.validate_params(params)
     net.initialize(ctx=ctx)
-    net.cast(dtype)
+    net.cast(mx_dtype(dtype))
     first = ctx[0] if isinstance(ctx, (list, tuple)) else ctx  # set_data fills every context
     targets = _params(net)
     flat = convert.to_flat("mxnet", canonical.cast(params, np.float64), "native")
     for key, value in flat.items():
-        targets[key].set_data(mx.nd.array(value, dtype=dtype, ctx=first))
+        targets[key].set_data(array(value, targets[key].dtype, first))
 
 
-def to_canonical(net) -> dict[str, np.ndarray]:
-    return convert.from_flat("mxnet", {k: p.data().asnumpy() for k, p in _params(net).items()})
+def to_canonical(net, master=None) -> dict[str, np.ndarray]:
+    """The canonical dict of `net`; `master` ({Parameter name: float32 copy}) replaces the
+    float16 parameters it holds by their float32 master weights."""
+    master = master or {}
+    return convert.from_flat("mxnet", {k: master.get(p.name, p.data()).asnumpy()
+                                       for k, p in _params(net).items()})
 
 
 def _ctx(device):
@@ -125,7 +131,7 @@ def _ctx(device):
 
 
 def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None,
-                dtype="float64", device="cpu", record=False) -> dict:
+                dtype="float64", device="cpu", record=False, loss_scale=None) -> dict:
     """Plain SGD on mean cross-entropy, one step per batch, from canonical `params`; with
     `record`, "history" holds the canonical dict after every step.
 
@@ -133,28 +139,31 @@ def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None
     its momentum as a float32 (conventions()["native"]["momentum_dtype"]), so in float64 its
     running statistics follow decay=float32(decay). The update `w -= lr * grad` is done here in
     `dtype` (gluon.Trainer's sgd_update also takes the learning rate as a float32); `fit` uses
-    the Trainer.
+    the Trainer. float16 (GPU only; `precision.MixedPrecision`): the network cast to float16 with
+    batch norm in float32, float32 master weights, static loss scaling.
     """
     spec.check_decay(decay)
     ctx = _ctx(device)
+    mp = MixedPrecision(dtype, ctx, loss_scale)
     net = build(impl, eps=eps, decay=decay, unbiased=bool(unbiased))
-    load_params(net, params, dtype, ctx)
+    load_params(net, params, mp.dtype, ctx)
     net.hybridize(static_alloc=True)
     trainable = [p for p in net.collect_params().values() if p.grad_req != "null"]
+    master = mp.master_weights(trainable)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     losses, history = [], []
     for x, y in batches:
-        X = mx.nd.array(x, dtype=dtype, ctx=ctx)
-        Y = mx.nd.array(y, dtype=dtype, ctx=ctx)
+        X = array(x, mp.dtype, ctx)
+        Y = mx.nd.array(y, dtype=mp.float_dtype, ctx=ctx)
         with autograd.record():
-            loss = loss_fn(net(X), Y).mean()
-        loss.backward()
-        for p in trainable:
-            p.data()[:] -= lr * p.grad()
+            loss = loss_fn(mp.logits(net(X)), Y).mean()
+            scaled = mp.scaled(loss)
+        scaled.backward()
+        mp.sgd(trainable, lr, master)
         losses.append(float(loss.asscalar()))
         if record:
             history.append(to_canonical(net))
-    out = {"losses": losses, "params": to_canonical(net)}
+    out = {"losses": losses, "params": to_canonical(net, master), **mp.summary()}
     if record:
         out["history"] = history
     return out
@@ -174,9 +183,10 @@ def lenet_eval(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5,
                fix_gamma=False) -> np.ndarray:
     """Logits in inference mode (running statistics) with the checkpoint's eps and fix_gamma."""
     ctx = _ctx(device)
-    net = _inference_net(impl, params, eps=eps, fix_gamma=fix_gamma, dtype=dtype, ctx=ctx)
+    mp = MixedPrecision(dtype, ctx)
+    net = _inference_net(impl, params, eps=eps, fix_gamma=fix_gamma, dtype=mp.dtype, ctx=ctx)
     net.hybridize()
-    return net(mx.nd.array(x, dtype=dtype, ctx=ctx)).asnumpy()
+    return numpy(net(array(x, mp.dtype, ctx)))
 
 
 def lenet_layers(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5, fix_gamma=False,

@@ -7,7 +7,7 @@ torch state (threads, default dtype, RNG).
 import torch  # noqa: F401  (fail here, cleanly, when torch is missing)
 
 from .bn import (IMPLS, BatchNorm, batch_norm, batch_norm_analytic, bn_step, conventions,
-                 make_layer, textbook_batch_norm)
+                 make_layer, precision_probe, textbook_batch_norm)
 from .lenet import lenet_eval, lenet_layers, lenet_train
 from .sync import SYNC_IMPLS, SyncGroup, sync_bn_step, sync_lenet_train
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -21,4 +21,4 @@ __all__ = ["IMPLS", "make_layer", "bn_step", "conventions", "observe", "experime
            "exact_numerics", "versions", "textbook_batch_norm", "batch_norm",
            "batch_norm_analytic", "BatchNorm", "DeviceSteps", "SYNC_IMPLS", "SyncGroup",
            "sync_bn_step", "sync_lenet_train", "lenet_layers", "save_checkpoint",
-           "load_checkpoint", "read_checkpoint"]
+           "load_checkpoint", "read_checkpoint", "precision_probe"]

@@ -17,9 +17,12 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from backends import UnsupportedSetting, check_layer_config
-from common import spec
+from common import dtypes, precision, spec
 from common.conventions import signature_arguments
-from common.reference import float_dtype, validate_inputs
+from common.reference import RESULT_KEYS, validate_inputs
+
+from .device import resolve_device
+from .precision import autocast, check_autocast, numpy, tensor, torch_dtype
 
 
 def textbook_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
@@ -214,10 +217,17 @@ class BatchNorm(nn.Module):
     `momentum` weighs the old running value (canonical decay); running statistics are buffers
     updated in place during training forward passes. `analytic=True` uses the closed-form
     backward; `unbiased=True` updates the running variance with the ÷(m-1) estimator (what
-    `nn.BatchNorm*d` does); `mode="grad_enabled"` reproduces the source's mode test."""
+    `nn.BatchNorm*d` does); `mode="grad_enabled"` reproduces the source's mode test.
+
+    float16/bfloat16 input (`common.dtypes.ACCUMULATE`): with `accumulate="float32"` (default)
+    the statistics and the normalisation are computed in float32 and only the output is cast
+    back to the input dtype (build the layer in float32: gamma, beta and the running statistics
+    stay float32); with `accumulate="input"` everything runs in the input dtype (build the layer
+    in that dtype), so the mean, the variance and the centred values are rounded to it."""
 
     def __init__(self, num_features, num_dims=4, *, eps=DEFAULT_EPS, momentum=DEFAULT_MOMENTUM,
-                 unbiased=False, analytic=False, mode="training", device=None, dtype=None):
+                 unbiased=False, analytic=False, mode="training", accumulate="float32",
+                 device=None, dtype=None):
         super().__init__()
         _layout(num_dims)
         if mode not in MODES:
@@ -227,30 +237,42 @@ class BatchNorm(nn.Module):
         self.num_features, self.num_dims = num_features, num_dims
         self.eps, self.momentum, self.unbiased, self.analytic, self.mode = (
             eps, momentum, unbiased, analytic, mode)
+        self.accumulate = dtypes.check_accumulate(accumulate)
         self.gamma = nn.Parameter(torch.ones(num_features, **factory))
         self.beta = nn.Parameter(torch.zeros(num_features, **factory))
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
+    def _work_dtype(self, X):
+        """The dtype the layer computes in for input X (see the class docstring)."""
+        if self.accumulate == "float32" and X.dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return X.dtype
+
     def forward(self, X):
         if X.dim() != self.num_dims:
             raise ValueError(f"BatchNorm(num_dims={self.num_dims}) got {X.dim()}-D input")
         training = torch.is_grad_enabled() if self.mode == "grad_enabled" else self.training
+        work = self._work_dtype(X)
+        Xw, gamma, beta = (t if t.dtype == work else t.to(work) for t in (X, self.gamma, self.beta))
         if not training:
             fn = batch_norm_analytic if self.analytic else batch_norm
-            return fn(X, self.gamma, self.beta, self.running_mean, self.running_var, self.eps,
-                      self.momentum, False)[0]
+            stats = [t if t.dtype == work else t.to(work)
+                     for t in (self.running_mean, self.running_var)]
+            Y = fn(Xw, gamma, beta, *stats, self.eps, self.momentum, False)[0]
+            return Y if Y.dtype == X.dtype else Y.to(X.dtype)
         fn = BatchNormFunction.apply if self.analytic else _scratch_train
-        Y, mean, var = fn(X, self.gamma, self.beta, self.eps)
+        Y, mean, var = fn(Xw, gamma, beta, self.eps)
         with torch.no_grad():  # the running statistics, updated in place
-            self.running_mean.lerp_(mean, 1.0 - self.momentum)
-            self.running_var.lerp_(_var_stat(var, X, self.unbiased), 1.0 - self.momentum)
-        return Y
+            rdt = self.running_mean.dtype
+            self.running_mean.lerp_(mean.to(rdt), 1.0 - self.momentum)
+            self.running_var.lerp_(_var_stat(var, X, self.unbiased).to(rdt), 1.0 - self.momentum)
+        return Y if Y.dtype == X.dtype else Y.to(X.dtype)
 
     def extra_repr(self):
         return (f"{self.num_features}, num_dims={self.num_dims}, eps={self.eps}, "
                 f"momentum={self.momentum}, unbiased={self.unbiased}, analytic={self.analytic}, "
-                f"mode={self.mode!r}")
+                f"mode={self.mode!r}, accumulate={self.accumulate!r}")
 
 
 def check_impl(impl):
@@ -258,13 +280,15 @@ def check_impl(impl):
         raise ValueError(f"unknown torch impl {impl!r}; choose from {', '.join(IMPLS)}")
 
 
-def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None, device=None,
-               dtype=None) -> nn.Module:
+def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=None,
+               accumulate="float32", device=None, dtype=None) -> nn.Module:
     """The contract's make_layer (backends/contract.py): a training-ready layer of `impl` for
     canonical `decay`; `unbiased=None` keeps the impl's own running-variance convention. Native
-    BN cannot take the biased setting. `device`, `dtype`: torch factory options."""
+    BN cannot take the biased setting, nor `accumulate="input"` (its kernel decides the
+    statistics' precision). `device`, `dtype`: torch factory options."""
     check_impl(impl)
     num_features = check_layer_config(num_features, num_dims, eps, decay)
+    dtypes.check_accumulate(accumulate)
     momentum = spec.momentum_from_decay(decay, CONVENTION[impl])
     factory = dict(device=device, dtype=dtype)
     if impl == "native":
@@ -273,10 +297,15 @@ def make_layer(impl, num_features, num_dims, *, eps=1e-5, decay=0.9, unbiased=No
                 "torch native nn.BatchNorm*d always updates running_var with the unbiased "
                 "(÷(N-1)) batch variance and has no option for the biased one; use unbiased=True "
                 "(or impl='scratch', which supports both)")
+        if accumulate != "float32":
+            raise UnsupportedSetting(
+                "torch native nn.BatchNorm*d has no setting for the precision of its statistics "
+                "(its kernel decides; precision_probe measures it); accumulate='input' applies to "
+                "the from-scratch impls")
         cls = nn.BatchNorm2d if num_dims == 4 else nn.BatchNorm1d
         return cls(num_features, eps=eps, momentum=momentum, **factory)
     return BatchNorm(num_features, num_dims, eps=eps, momentum=momentum, unbiased=bool(unbiased),
-                     analytic=impl == "scratch-analytic", **factory)
+                     analytic=impl == "scratch-analytic", accumulate=accumulate, **factory)
 
 
 def gamma_beta(layer):
@@ -284,34 +313,62 @@ def gamma_beta(layer):
     return (layer.gamma, layer.beta) if isinstance(layer, BatchNorm) else (layer.weight, layer.bias)
 
 
-def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
-            unbiased=False, impl="scratch") -> dict:
-    """One batch-norm step of `impl` (contract in backends/contract.py), in x's dtype."""
-    validate_inputs(x, gamma, beta, running_mean, running_var, dy,
-                    training=training, eps=eps, decay=decay)
+def _run_step(impl, x, gamma, beta, running_mean, running_var, dy, *, training, eps, decay,
+              unbiased, accumulate, device):
+    """One step of a fresh `impl` layer as bn_step runs it; returns the torch tensors (y, dx,
+    dgamma, dbeta, running_mean, running_var), in the dtypes the layer produces and keeps."""
     check_impl(impl)
-    dt = float_dtype(x)
-    tdt = torch.float32 if dt == np.float32 else torch.float64
-    t = {k: torch.tensor(np.asarray(v), dtype=tdt) for k, v in dict(
-        x=x, gamma=gamma, beta=beta, rm=running_mean, rv=running_var, dy=dy).items()}
-    xs = t["x"]
+    dtypes.check_accumulate(accumulate)
+    dev, _ = resolve_device(device)
+    dt = dtypes.float_dtype(x)
+    tdt = torch_dtype(dt)
+    mixed = dt.name in dtypes.LOW and accumulate == "float32"
+    if mixed:
+        check_autocast(dev.type, tdt)
+    # Mixed precision keeps the layer in float32 (the autocast idiom); otherwise the layer is in
+    # the input dtype (float32/float64, or the from-scratch layer written for float16/bfloat16).
+    layer_dtype = torch.float32 if mixed else tdt
     # In inference no running statistic is updated, so the estimator setting is moot.
-    layer = make_layer(impl, xs.shape[1], xs.dim(), eps=eps, decay=decay,
-                       unbiased=unbiased if training else None, dtype=tdt)
+    layer = make_layer(impl, x.shape[1], x.ndim, eps=eps, decay=decay,
+                       unbiased=unbiased if training else None, accumulate=accumulate,
+                       dtype=layer_dtype, device=dev)
     g, b = gamma_beta(layer)
     with torch.no_grad():
-        g.copy_(t["gamma"])
-        b.copy_(t["beta"])
-        layer.running_mean.copy_(t["rm"])
-        layer.running_var.copy_(t["rv"])
+        for dst, src in ((g, gamma), (b, beta), (layer.running_mean, running_mean),
+                         (layer.running_var, running_var)):
+            dst.copy_(tensor(src, dst.dtype, dev))
     layer.train(training)
-    xs.requires_grad_(True)
+    xs = tensor(x, tdt, dev).requires_grad_(True)
     with torch.enable_grad():
-        y = layer(xs)
-        y.backward(t["dy"])
-    out = dict(y=y, dx=xs.grad, dgamma=g.grad, dbeta=b.grad,
-               running_mean=layer.running_mean, running_var=layer.running_var)
-    return {k: v.detach().numpy().astype(dt, copy=True) for k, v in out.items()}
+        with autocast(dev.type, tdt if mixed else torch.float32):
+            y = layer(xs)
+        y.backward(tensor(dy, y.dtype, dev))
+    return (y, xs.grad, g.grad, b.grad, layer.running_mean, layer.running_var)
+
+
+def bn_step(x, gamma, beta, running_mean, running_var, dy, *, training, eps=1e-5, decay=0.9,
+            unbiased=False, impl="scratch", accumulate="float32", device="cpu") -> dict:
+    """One batch-norm step of `impl` (contract in backends/contract.py), in x's dtype. float16 and
+    bfloat16 run the autocast idiom (a float32 layer, the step under `torch.autocast`), or with
+    `accumulate="input"` the from-scratch layer built in the input dtype."""
+    validate_inputs(x, gamma, beta, running_mean, running_var, dy,
+                    training=training, eps=eps, decay=decay)
+    out = _run_step(impl, np.asarray(x), gamma, beta, running_mean, running_var, dy,
+                    training=training, eps=eps, decay=decay, unbiased=unbiased,
+                    accumulate=accumulate, device=device)
+    return {k: numpy(v) for k, v in zip(RESULT_KEYS, out)}
+
+
+def precision_probe(impl, dtype, *, accumulate="float32", device="cpu") -> dict:
+    """The contract's precision_probe: one training step as bn_step runs it, on
+    `common.precision.probe_case(dtype)`; the dtypes are the tensors' own."""
+    case = precision.probe_case(dtype)
+    y, dx, dgamma, _, rm, _ = _run_step(impl, **case, training=True, eps=1e-5, decay=0.9,
+                                        unbiased=None, accumulate=accumulate, device=device)
+    name = lambda t: str(t.dtype).replace("torch.", "")  # noqa: E731
+    return precision.probe_result(case, numpy(y), output_dtype=name(y), grad_dtype=name(dx),
+                                  param_dtype=name(dgamma), running_dtype=name(rm),
+                                  device=resolve_device(device)[1])
 
 
 # The suite's impls as layers: (class, constructor arguments besides the channel count). The

@@ -4,6 +4,7 @@ NumPy parameter dict (`common.lenet`, already in PyTorch layout) and the model; 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -16,18 +17,8 @@ from common import lenet as canon
 
 from .bn import check_impl, make_layer
 from .device import resolve_device
+from .precision import MixedPrecision, numpy, torch_dtype
 
-def torch_dtype(dtype) -> torch.dtype:
-    """torch dtype for "float32"/"float64" (or the numpy/torch equivalents)."""
-    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float64):
-        return dtype
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:
-        name = None
-    if name not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return getattr(torch, name)
 
 
 class LeNetBN(nn.Module):
@@ -95,13 +86,18 @@ def build_lenet(impl, *, eps=1e-5, decay=0.9, unbiased=None, device="cpu", dtype
     return model
 
 
-def sgd_step(model, opt, x, y):
+def sgd_step(model, opt, x, y, mp: MixedPrecision | None = None):
     """One training step (mean cross-entropy, plain SGD); returns (loss, logits), detached and
-    left on the device so callers decide when to synchronise."""
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    left on the device so callers decide when to synchronise. `mp`: the mixed-precision policy
+    (autocast, float32 loss, loss scaling); None is plain full precision."""
+    with mp.autocast() if mp else contextlib.nullcontext():
+        logits = model(x)
+    loss = F.cross_entropy(logits.to(mp.param_dtype) if mp else logits, y)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if mp:
+        mp.backward(loss, model.parameters())
+    else:
+        loss.backward()
     opt.step()
     return loss.detach(), logits.detach()
 
@@ -114,23 +110,25 @@ def _images(x, dtype, device):
 
 
 def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None,
-                dtype="float64", device="cpu", record=False) -> dict:
+                dtype="float64", device="cpu", record=False, loss_scale=None) -> dict:
     """Plain SGD on mean cross-entropy over `batches` of (x, y) NumPy pairs; running statistics
-    update as `impl` does. Returns {"losses": [float per step], "params": canonical dict}, and
-    with `record` "history": the canonical dict after every step."""
+    update as `impl` does. Returns {"losses": [float per step], "params": canonical dict}, with
+    `record` "history": the canonical dict after every step, and for float16/bfloat16
+    (autocast, `MixedPrecision`) "precision": what ran."""
     dev, _ = resolve_device(device)
-    tdt = torch_dtype(dtype)
-    model = build_lenet(impl, eps=eps, decay=decay, unbiased=unbiased, device=dev, dtype=tdt,
-                        params=params)
+    mp = MixedPrecision(dtype, dev, loss_scale)
+    model = build_lenet(impl, eps=eps, decay=decay, unbiased=unbiased, device=dev,
+                        dtype=mp.param_dtype, params=params)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses, history = [], []
     for x, y in batches:
         yb = torch.as_tensor(np.asarray(y), dtype=torch.int64).to(dev)
-        losses.append(sgd_step(model, opt, _images(x, tdt, dev), yb)[0])
+        losses.append(sgd_step(model, opt, _images(x, mp.param_dtype, dev), yb, mp)[0])
         if record:
             history.append(get_params(model))
-    out = {"losses": torch.stack(losses).tolist() if losses else [], "params": get_params(model)}
+    out = {"losses": torch.stack(losses).tolist() if losses else [], "params": get_params(model),
+           **mp.summary()}
     if record:
         out["history"] = history
     return out
@@ -139,13 +137,14 @@ def lenet_train(params, batches, *, lr, impl, eps=1e-5, decay=0.9, unbiased=None
 def lenet_eval(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5,
                fix_gamma=False) -> np.ndarray:
     """Logits (N×10, NumPy) in inference mode, i.e. with the running statistics, with the
-    checkpoint's eps (and MXNet's fix_gamma, see `build_lenet`)."""
+    checkpoint's eps (and MXNet's fix_gamma, see `build_lenet`); float16 and bfloat16 under
+    autocast, logits in that dtype."""
     dev, _ = resolve_device(device)
-    tdt = torch_dtype(dtype)
-    model = build_lenet(impl, eps=eps, device=dev, dtype=tdt, params=params,
+    mp = MixedPrecision(dtype, dev)
+    model = build_lenet(impl, eps=eps, device=dev, dtype=mp.param_dtype, params=params,
                         fix_gamma=fix_gamma).eval()
-    with torch.no_grad():
-        return model(_images(x, tdt, dev)).cpu().numpy()
+    with torch.no_grad(), mp.autocast():
+        return numpy(model(_images(x, mp.param_dtype, dev)))
 
 
 def lenet_layers(params, x, *, impl, dtype="float64", device="cpu", eps=1e-5, fix_gamma=False,

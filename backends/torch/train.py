@@ -20,7 +20,8 @@ from common.data import batch_indices
 
 from .bn import check_impl
 from .device import resolve_device
-from .lenet import build_lenet, sgd_step, torch_dtype
+from .lenet import build_lenet, sgd_step
+from .precision import MixedPrecision
 
 EVAL_CHUNK = 4096
 SPEED_PATHS = ("auto", "eager", "cuda-graph", "compile")
@@ -46,19 +47,20 @@ def _arrays(data):
     return data.train_x, data.train_y, data.test_x, data.test_y
 
 
-def _correct(model, x, y) -> torch.Tensor:
+def _correct(model, x, y, mp) -> torch.Tensor:
     """Number of correct predictions (a device tensor) in inference mode."""
     model.eval()
     total = torch.zeros((), dtype=torch.int64, device=x.device)
-    with torch.no_grad():
+    with torch.no_grad(), mp.autocast():
         for s in range(0, len(x), EVAL_CHUNK):
             total += (model(x[s:s + EVAL_CHUNK]).argmax(1) == y[s:s + EVAL_CHUNK]).sum()
     return total
 
 
 def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dtype="float32",
-        eps=1e-5, decay=0.9, params=None, progress=None) -> dict:
-    """Train LeNet-BN with `impl` on `data` (see backends/contract.py for the contract).
+        eps=1e-5, decay=0.9, params=None, progress=None, loss_scale=None) -> dict:
+    """Train LeNet-BN with `impl` on `data` (see backends/contract.py for the contract); float16
+    and bfloat16 train under autocast with float32 parameters (`MixedPrecision`).
 
     examples_per_s counts only the training steps of each epoch, timed between device
     synchronisations; test accuracy is measured after each epoch and not timed."""
@@ -67,13 +69,14 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
     epochs = positive_int("epochs", epochs)
     train_x, train_y, test_x, test_y = _arrays(data)
     dev, desc = resolve_device(device)
-    tdt = torch_dtype(dtype)
+    mp = MixedPrecision(dtype, dev, loss_scale)
+    tdt = mp.param_dtype  # the data's dtype too: autocast casts it for the convolutions
     model = build_lenet(impl, eps=eps, decay=decay, device=dev, dtype=tdt,
                         params=canon.init_params(seed) if params is None else params)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
 
     def put(a, dt):
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=dt).to(dev)
+        return torch.as_tensor(np.ascontiguousarray(a)).to(device=dev, dtype=dt)
 
     X, Y = put(train_x, tdt), put(train_y, torch.int64)
     Xt, Yt = put(test_x, tdt), put(test_y, torch.int64)
@@ -91,12 +94,12 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
         for s, e in zip(bounds[:-1], bounds[1:]):
             idx = perm[s:e]
             yb = Y.index_select(0, idx)
-            loss, logits = sgd_step(model, opt, X.index_select(0, idx), yb)
+            loss, logits = sgd_step(model, opt, X.index_select(0, idx), yb, mp)
             loss_sum += loss * (e - s)
             correct += (logits.argmax(1) == yb).sum()
         _sync(dev)
         seconds = time.perf_counter() - t0
-        test_correct = _correct(model, Xt, Yt)
+        test_correct = _correct(model, Xt, Yt, mp)
         loss_total, n_correct, n_test_correct = torch.stack(
             [loss_sum, correct.double(), test_correct.double()]).tolist()
         total_examples += n
@@ -111,7 +114,7 @@ def fit(data, *, impl, epochs, batch_size=256, lr=1.0, seed=0, device="auto", dt
     return dict(device=desc, history=history, final_loss=last["loss"],
                 train_acc=last["train_acc"], test_acc=last["test_acc"],
                 examples_per_s=total_examples / total_seconds,
-                wall_s=time.perf_counter() - wall0)
+                wall_s=time.perf_counter() - wall0, **mp.summary())
 
 
 class DeviceSteps:
@@ -130,12 +133,13 @@ class DeviceSteps:
 
     WARMUP = 3
 
-    def __init__(self, model, opt, X, Y, order, path="eager"):
+    def __init__(self, model, opt, X, Y, order, path="eager", mp=None):
         if path not in SPEED_PATHS[1:]:
             raise ValueError(f"path must be one of {', '.join(SPEED_PATHS[1:])}, got {path!r}")
         if path == "cuda-graph" and X.device.type != "cuda":
             raise DeviceUnavailable(f"path='cuda-graph' needs a CUDA device, got {X.device}")
         self.model, self.opt, self.X, self.Y, self.order, self.path = model, opt, X, Y, order, path
+        self.mp = mp
         dev = X.device
         self.counter = torch.zeros(1, dtype=torch.int64, device=dev)
         self.losses = torch.zeros(len(order), dtype=X.dtype, device=dev)
@@ -147,7 +151,7 @@ class DeviceSteps:
     def _step(self):
         idx = self.order.index_select(0, self.counter).view(-1)
         loss, _ = sgd_step(self.forward, self.opt, self.X.index_select(0, idx),
-                           self.Y.index_select(0, idx))
+                           self.Y.index_select(0, idx), self.mp)
         self.losses.index_copy_(0, self.counter, loss.view(1))
         self.counter.add_(1).remainder_(len(self.order))
 
@@ -217,7 +221,7 @@ class SpeedTimer:
                                        dict(batch_size=batch_size, steps=steps).items())
         self.dev, desc = resolve_device(device)
         path = _speed_path(path, self.dev)
-        tdt = torch_dtype(dtype)
+        tdt = MixedPrecision(dtype, self.dev).param_dtype
         rng = np.random.default_rng(seed)
         batch_size = self.batch_size
         count = synthetic_batches(batch_size, SPEED_BATCHES)
@@ -231,7 +235,7 @@ class SpeedTimer:
         def setup(p):
             model = build_lenet(impl, device=dev, dtype=tdt, params=params).train()
             opt = torch.optim.SGD(model.parameters(), lr=canon.DEFAULT_LR)
-            return DeviceSteps(model, opt, X, Y, order, p)
+            return DeviceSteps(model, opt, X, Y, order, p, MixedPrecision(dtype, dev))
 
         notes = []
         _sync(dev)
@@ -255,7 +259,8 @@ class SpeedTimer:
                 self.eager = setup("eager")
                 self.eager.run(DeviceSteps.WARMUP)
                 _sync(dev)
-        self.info = {"compile_s": compile_s, "device": desc, "path": PATH_NAMES[dev.type, path]}
+        self.info = {"compile_s": compile_s, "device": desc, "path": PATH_NAMES[dev.type, path],
+                     **self.runner.mp.summary()}
         if dev.type == "cuda":
             self.info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32,
                                  "cudnn": torch.backends.cudnn.allow_tf32}
