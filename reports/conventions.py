@@ -17,18 +17,45 @@ from reports import Section, render, within, worst
 
 SUMMARY = ("what each framework's momentum weighs, default momentum/eps, running-variance "
            "estimator, when statistics update, layout, kind of running statistics, gamma, "
-           "momentum precision: claimed by the installed frameworks and measured by an experiment")
+           "momentum precision: claimed by the installed frameworks and measured by an experiment; "
+           "the precision of the statistics, running statistics and output for float16/bfloat16 "
+           "input, measured")
 NEEDS_DATA = False
 FIELDS = spec.CONVENTION_FIELDS
 TRANSLATION_STEPS = 5
+PRECISION_DTYPES = ("float16", "bfloat16")
+# (column, precision_probe field): what the layer computed its statistics in, kept its running
+# statistics in and returned, read from the framework's arrays (never declared).
+PRECISION_FIELDS = (("statistics", "stats_dtype"), ("running stats", "running_dtype"),
+                    ("output", "output_dtype"))
 
 
 # -- child side --------------------------------------------------------------------------------
 def task_probe(b, args):
-    """The experiment on every impl of the backend (each built with its own defaults)."""
-    from reports.child import per_impl
+    """The experiment on every impl of the backend (each built with its own defaults), and the
+    precision it really computes and keeps for float16/bfloat16 input (`precision_probe` with
+    the default accumulation; a refusal is kept as {"unsupported": reason})."""
+    import backends
+    from reports.child import describe, per_impl
 
-    return per_impl(b.IMPLS, lambda impl: b.observe(impl, seed=args.get("seed", 0)))
+    def precision(impl):
+        out = {}
+        for dt in PRECISION_DTYPES:
+            try:
+                out[dt] = b.precision_probe(impl, dt)
+            except backends.UnsupportedSetting as e:
+                out[dt] = {"unsupported": " ".join(str(e).split())}
+            except Exception as e:  # a crash here must not lose the experiment's answer
+                out[dt] = {"error": describe(e)}
+        return out
+
+    def one(impl):
+        out = b.observe(impl, seed=args.get("seed", 0))
+        if hasattr(b, "precision_probe"):
+            out["precision"] = precision(impl)
+        return out
+
+    return per_impl(b.IMPLS, one)
 
 
 def resolve(path: str):
@@ -187,6 +214,10 @@ def run(s) -> Section:
                 failures.append(f"{name}/{impl} experiment failed: {pr['error'][:160]}")
                 continue
             row = check_row(f"{name}/{impl}", claimed, pr["observations"])
+            if "precision" in pr:
+                row["precision"] = pr["precision"]
+                failures += [f"{name}/{impl} precision_probe {dt}: {p['error'][:160]}"
+                             for dt, p in pr["precision"].items() if "error" in p]
             rows.append(row)
             failures += row_failures(row)
     sources = source_rows(rows)
@@ -224,6 +255,37 @@ def cell(check: dict) -> str:
     return render.fmt(c)
 
 
+def precision_cell(p: dict | None, field: str) -> str:
+    if p is None:
+        return "—"
+    if "unsupported" in p:
+        return "refused"
+    if "error" in p:
+        return "error"
+    return str(p.get(field))
+
+
+def precision_markdown(rows) -> list[str]:
+    """The measured precision per impl and low-precision input dtype (no claim to check: the
+    dtypes are read from what the layer produced and kept)."""
+    measured = [r for r in rows if r.get("precision")]
+    if not measured:
+        return []
+    head = [f"{dt} {col}" for dt in PRECISION_DTYPES for col, _ in PRECISION_FIELDS]
+    table = [[r["row"], *(precision_cell(r["precision"].get(dt), f) for dt in PRECISION_DTYPES
+                          for _, f in PRECISION_FIELDS)] for r in measured]
+    lines = ["", "### Precision, measured", "",
+             "One training step of each impl, as built by default, on a float16 or bfloat16 "
+             "large-mean input (`precision_probe`): the dtypes are read from the arrays the "
+             "framework returned and kept; the statistics' precision is the candidate whose error "
+             "against float64 is nearest the output's (see the precision report).", "",
+             render.md_table(["impl", *head], table)]
+    refused = [f"- **{r['row']}** {dt}: {p.get('unsupported') or p.get('error')}"
+               for r in measured for dt, p in r["precision"].items()
+               if "unsupported" in p or "error" in p]
+    return lines + (["", *refused] if refused else [])
+
+
 def markdown(rows, translation, missing_rows) -> str:
     lines = ["## Conventions", "",
              "Claims come from the installed frameworks (constructor signature defaults read with "
@@ -249,6 +311,7 @@ def markdown(rows, translation, missing_rows) -> str:
               if isinstance(r.get("measured"), dict) and r["measured"].get("problems")]
     if notes:
         lines += ["", *notes]
+    lines += precision_markdown(rows)
     t = translation
     lines += ["", "### Worked translation", "",
               f"The MXNet source's `momentum=0.9` weighs the new batch, so it equals the PyTorch source's "

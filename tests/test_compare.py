@@ -72,6 +72,11 @@ def test_quick_run_writes_every_report_and_passes(quick_run):
 
     conv_rows = [r for r in res["conventions"]["rows"] if "check" in r]
     assert conv_rows and all(c["agrees"] for r in conv_rows for c in r["check"].values())
+    for r in conv_rows:
+        if "/" in r["row"]:  # the idiom everywhere on the CPU: float32 statistics, dtype out
+            assert {dt: (p["stats_dtype"], p["running_dtype"], p["output_dtype"])
+                    for dt, p in r["precision"].items()} == {
+                dt: ("float32 or wider", "float32", dt) for dt in ("float16", "bfloat16")}, r["row"]
     translation = res["conventions"]["translation"]
     assert translation["mxnet_source_0.9_as_torch_source"] == pytest.approx(0.1)
     assert all(r["matches_closed_form"] for r in translation["runs"].values())

@@ -266,3 +266,27 @@ def test_the_report_fails_a_contradicted_or_unmeasurable_claim_and_shows_the_mea
     assert len(failures) == 2 and "could not measure momentum_weighs, default_momentum" in failures[1]
     honest = report.check_row("fake/honest", TORCH_LIKE, measure()[0])
     assert report.row_failures(honest) == [] and "✗" not in report.cell(honest["check"]["gamma"])
+
+
+def test_the_measured_precision_is_shown_a_refusal_is_listed_and_a_crash_fails():
+    """The precision columns come from precision_probe's answer as it is: a refusal is listed
+    with its reason and does not fail; a probe that crashed fails the report."""
+    from types import SimpleNamespace
+
+    from reports import conventions as report
+
+    obs, _ = measure()
+    probe = {"stats_dtype": "float16", "running_dtype": "float32", "output_dtype": "float16"}
+    answer = {"native": {"observations": obs, "precision": {
+        "float16": probe, "bfloat16": {"unsupported": "no bfloat16 kernel on this device"}}},
+        "scratch": {"observations": obs, "precision": {
+            "float16": {"error": "RuntimeError: boom"}, "bfloat16": dict(probe)}}}
+    session = SimpleNamespace(
+        live=lambda: ["fake"], log=lambda line: None, missing_rows=lambda width: [],
+        args=SimpleNamespace(seed=0), info=lambda name: {"conventions": {}},
+        call=lambda name, task, args: {"result": answer} if task == "conventions.probe" else {})
+    section = report.run(session)
+    assert section.failures == ["fake/scratch precision_probe float16: RuntimeError: boom"]
+    assert "| fake/native | float16 | float32 | float16 | refused | refused | refused |" in section.markdown
+    assert "| fake/scratch | error | error | error | float16 | float32 | float16 |" in section.markdown
+    assert "- **fake/native** bfloat16: no bfloat16 kernel on this device" in section.markdown
