@@ -33,7 +33,8 @@ def float_dtype(dtype_like, allowed=DTYPES) -> np.dtype:
     except TypeError:
         dt = None
     if dt is None or dt.name not in allowed:
-        raise ValueError(f"dtype must be one of {', '.join(allowed)}, got "
+        choices = " or ".join(allowed) if len(allowed) == 2 else "one of " + ", ".join(allowed)
+        raise ValueError(f"dtype must be {choices}, got "
                          f"{dtype_like if dt is None else dt!r}")
     return dt
 

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from common.dtypes import cast, eps, float_dtype
+from common.dtypes import cast, eps
 from common.reference import reduce_axes
 
 # -- tolerances --------------------------------------------------------------------------------

@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.dtypes import float_dtype  # noqa: F401  (the one dtype check; re-exported)
+from common import dtypes
 from common.spec import check_decay
 
 RESULT_KEYS = ("y", "dx", "dgamma", "dbeta", "running_mean", "running_var")
+FULL_PRECISION = ("float32", "float64")
+
+
+def float_dtype(dtype_like) -> np.dtype:
+    """float32 or float64 (`common.dtypes.float_dtype` limited to them): what the reference, the
+    trajectories, the sync merge and `common.testing` hold to their float tolerances; float16
+    and bfloat16 go through `common.precision`."""
+    return dtypes.float_dtype(dtype_like, FULL_PRECISION)
 
 
 def reduce_axes(ndim: int) -> tuple[int, ...]:
