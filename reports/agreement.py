@@ -15,7 +15,7 @@ import numpy as np
 
 from common import spec
 from common.reference import RESULT_KEYS, TOLERANCE, bn_step, error, random_case, within_tolerance
-from reports import Section, render, within, worst
+from reports import Section, full_precision_only, render, within, worst
 
 SUMMARY = ("batch_norm of every backend × impl vs the float64 NumPy reference and pairwise "
            "(y, dx, dgamma, dbeta, running stats; 2-D/4-D; float32/float64)")
@@ -72,14 +72,7 @@ TASKS = {"bn": task_bn}
 
 
 # -- parent side -------------------------------------------------------------------------------
-def validate(s) -> None:
-    """float16/bfloat16 have their own tolerances and report: refused here, up front."""
-    from reports.session import UsageError
-
-    if s.args.dtype in ("float16", "bfloat16"):
-        raise UsageError(f"--dtype {s.args.dtype}: the agreement report compares float32 and float64; "
-                         f"float16/bfloat16 are the precision report's (compare.py precision), "
-                         "and train and speed take them too")
+validate = full_precision_only("agreement")
 
 
 def cases(seed: int, dtypes) -> list[dict]:

@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 
 from common import data, lenet, lenet_reference, spec
-from reports import Section, render
+from reports import Section, full_precision_only, render
 
 SUMMARY = ("LeNet-BN from identical parameters on identical batches, N SGD steps in every "
            "backend × impl, each step checked against the float64 NumPy training reference")
@@ -54,14 +54,7 @@ TASKS = {"trajectory": task_trajectory}
 
 
 # -- parent side -------------------------------------------------------------------------------
-def validate(s) -> None:
-    """float16/bfloat16 have their own tolerances and report: refused here, up front."""
-    from reports.session import UsageError
-
-    if s.args.dtype in ("float16", "bfloat16"):
-        raise UsageError(f"--dtype {s.args.dtype}: the trajectory report compares float32 and float64; "
-                         f"float16/bfloat16 are the precision report's (compare.py precision), "
-                         "and train and speed take them too")
+validate = full_precision_only("trajectory")
 
 
 def settings(s) -> dict:
