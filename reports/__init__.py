@@ -67,16 +67,3 @@ def worst(values, start: float = 0.0) -> float:
 def within(err, tol) -> bool:
     """err <= tol, and False for NaN (the NaN-safe form of every verdict)."""
     return bool(err <= tol)
-
-
-def full_precision_only(report: str):
-    """A report's `validate` that refuses `--dtype float16/bfloat16` up front: those have their
-    own tolerances, in the precision report."""
-    def validate(s) -> None:
-        from reports.session import UsageError
-
-        if s.args.dtype in ("float16", "bfloat16"):
-            raise UsageError(f"--dtype {s.args.dtype}: the {report} report compares float32 and "
-                             "float64; float16/bfloat16 are the precision report's (compare.py "
-                             "precision), and train and speed take them too")
-    return validate

@@ -15,7 +15,8 @@ import numpy as np
 
 from common import spec
 from common.reference import RESULT_KEYS, TOLERANCE, bn_step, error, random_case, within_tolerance
-from reports import Section, full_precision_only, render, within, worst
+from reports import Section, render, within, worst
+from reports.session import full_precision_only
 
 SUMMARY = ("batch_norm of every backend × impl vs the float64 NumPy reference and pairwise "
            "(y, dx, dgamma, dbeta, running stats; 2-D/4-D; float32/float64)")

@@ -35,6 +35,17 @@ class UsageError(Exception):
     """Bad input: reported in one line with exit status 2, before any backend starts."""
 
 
+def full_precision_only(report: str):
+    """A report's `validate` that refuses `--dtype float16/bfloat16` up front: those have their
+    own tolerances, in the precision report."""
+    def validate(s) -> None:
+        if s.args.dtype in ("float16", "bfloat16"):
+            raise UsageError(f"--dtype {s.args.dtype}: the {report} report compares float32 and "
+                             "float64; float16/bfloat16 are the precision report's (compare.py "
+                             "precision), and train and speed take them too")
+    return validate
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

@@ -16,7 +16,8 @@ import pathlib
 import numpy as np
 
 from common import data, lenet, lenet_reference, spec
-from reports import Section, full_precision_only, render
+from reports import Section, render
+from reports.session import full_precision_only
 
 SUMMARY = ("LeNet-BN from identical parameters on identical batches, N SGD steps in every "
            "backend × impl, each step checked against the float64 NumPy training reference")
